@@ -1,0 +1,38 @@
+"""The WeChat Pay closeorder wire protocol: signing, XML, the HTTP client, outcome classification.
+
+Nothing in this package imports Django; the simulator and the benchmarks use it as it is.
+"""
+
+from .client import (
+    CLOSEORDER_PATH,
+    CloseOrderClient,
+    CloseResult,
+    InvalidRequestField,
+    Merchant,
+    PreparedClose,
+    validate_out_trade_no,
+)
+from .outcomes import Outcome, classify_answer
+from .signing import SignType, compute_signature, new_nonce, signing_string, verify_signature
+from .xmlcodec import DEFAULT_MAX_BODY_BYTES, InvalidXMLBody, decode_xml, encode_xml
+
+__all__ = [
+    "CLOSEORDER_PATH",
+    "CloseOrderClient",
+    "CloseResult",
+    "DEFAULT_MAX_BODY_BYTES",
+    "InvalidRequestField",
+    "InvalidXMLBody",
+    "Merchant",
+    "Outcome",
+    "PreparedClose",
+    "SignType",
+    "classify_answer",
+    "compute_signature",
+    "decode_xml",
+    "encode_xml",
+    "new_nonce",
+    "signing_string",
+    "validate_out_trade_no",
+    "verify_signature",
+]
