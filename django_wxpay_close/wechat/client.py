@@ -43,7 +43,8 @@ class InvalidRequestField(ValueError):
 
 
 def validate_out_trade_no(out_trade_no: str) -> None:
-    if not isinstance(out_trade_no, str) or not _OUT_TRADE_NO.match(out_trade_no):
+    # fullmatch: with match(), `$` would also accept a trailing newline ("ORDER1\n").
+    if not isinstance(out_trade_no, str) or not _OUT_TRADE_NO.fullmatch(out_trade_no):
         raise InvalidRequestField(
             "out_trade_no",
             f"{out_trade_no!r} must be 1-32 characters of letters, digits and _ - | * @",

@@ -37,7 +37,9 @@ def signing_string(fields: Mapping[str, str], api_key: str) -> str:
     return "&".join(f"{name}={value}" for name, value in pairs) + f"&key={api_key}"
 
 
-def compute_signature(fields: Mapping[str, str], api_key: str, sign_type: SignType) -> str:
+def compute_signature(fields: Mapping[str, str], api_key: str, sign_type: SignType | str) -> str:
+    """Upper-case hex MD5 or HMAC-SHA256 of `signing_string`; a plain "HMAC-SHA256" str counts too."""
+    sign_type = SignType.parse(sign_type)  # an identity test on a str would silently fall back to MD5
     payload = signing_string(fields, api_key).encode("utf-8")
     if sign_type is SignType.HMAC_SHA256:
         digest = hmac.new(api_key.encode("utf-8"), payload, hashlib.sha256).hexdigest()
@@ -46,7 +48,7 @@ def compute_signature(fields: Mapping[str, str], api_key: str, sign_type: SignTy
     return digest.upper()
 
 
-def verify_signature(fields: Mapping[str, str], api_key: str, sign_type: SignType) -> bool:
+def verify_signature(fields: Mapping[str, str], api_key: str, sign_type: SignType | str) -> bool:
     """True only when `fields` carries a `sign` equal to ours, compared in constant time."""
     received = fields.get("sign", "")
     if not received:

@@ -20,6 +20,8 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # XML 1.0 forbids these code points outright; escaping cannot carry them.
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+# A literal CR reaches the reader as LF (XML end-of-line normalisation); a character reference survives.
+_ESCAPE_CR = {"\r": "&#13;"}
 
 
 class InvalidXMLBody(ValueError):
@@ -27,14 +29,14 @@ class InvalidXMLBody(ValueError):
 
 
 def encode_xml(fields: Mapping[str, str]) -> bytes:
-    """UTF-8 bytes of `<xml>…</xml>`; values escaped (`&`, `<`, `>`), non-ASCII kept as UTF-8."""
+    """UTF-8 bytes of `<xml>…</xml>`; values escaped (`&`, `<`, `>`, CR), non-ASCII kept as UTF-8."""
     parts = ["<xml>"]
     for name, value in fields.items():
         if not _FIELD_NAME.match(name):
             raise ValueError(f"invalid XML field name {name!r}")
         if _XML_ILLEGAL.search(value):
             raise ValueError(f"field {name!r} contains a character XML cannot carry")
-        parts.append(f"<{name}>{escape(value)}</{name}>")
+        parts.append(f"<{name}>{escape(value, _ESCAPE_CR)}</{name}>")
     parts.append("</xml>")
     return "".join(parts).encode("utf-8")
 
