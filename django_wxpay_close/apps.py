@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class WxpayCloseConfig(AppConfig):
+    name = "django_wxpay_close"
+    verbose_name = "WeChat Pay order closing"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)

@@ -1,0 +1,259 @@
+"""The `WXPAY_CLOSE` settings dict: read lazily (so `override_settings` works), validated in one place.
+
+`inspect_settings()` lists every problem with a stable check id; the system checks show them and
+`load_settings()` refuses to run with any error-level one, so nothing is sent on a broken config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from ipaddress import ip_address
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .wechat import CloseOrderClient, InvalidRequestField, Merchant, SignType
+from .wechat.client import API_KEY_LENGTH
+
+__all__ = ["DEFAULTS", "MerchantSettings", "CloseSettings", "SettingProblem", "inspect_settings", "load_settings"]
+
+HONG_KONG_BASE_URL = "https://apihk.mch.weixin.qq.com"
+UNITED_STATES_BASE_URL = "https://apius.mch.weixin.qq.com"
+
+DEFAULTS: dict[str, Any] = {
+    "MERCHANTS": {},
+    "BASE_URL": HONG_KONG_BASE_URL,
+    "FAILOVER_BASE_URL": None,
+    "CONNECT_TIMEOUT": 3.05,
+    "READ_TIMEOUT": 10.0,
+    "MAX_RESPONSE_BYTES": 64 * 1024,
+    "PAYMENT_WINDOW": timedelta(minutes=30),
+    "MIN_ORDER_AGE": timedelta(minutes=5),
+    "MAX_ATTEMPTS": 8,
+    "RETRY_BACKOFF": timedelta(minutes=1),
+    "RETRY_BACKOFF_MAX": timedelta(hours=1),
+    "CLAIM_TIMEOUT": timedelta(minutes=2),
+    "WORKERS": 8,
+    "BATCH_SIZE": 100,
+    "ADMIN_MAX_SELECTION": 500,
+}
+_DURATIONS = ("PAYMENT_WINDOW", "MIN_ORDER_AGE", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "CLAIM_TIMEOUT")
+_POSITIVE_NUMBERS = ("CONNECT_TIMEOUT", "READ_TIMEOUT")
+_POSITIVE_INTEGERS = ("MAX_RESPONSE_BYTES", "MAX_ATTEMPTS", "WORKERS", "BATCH_SIZE", "ADMIN_MAX_SELECTION")
+_MERCHANT_REQUIRED = ("APPID", "MCH_ID", "SUB_MCH_ID", "API_KEY")
+_MERCHANT_KEYS = frozenset(_MERCHANT_REQUIRED + ("SUB_APPID", "SIGN_TYPE"))
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True)
+class MerchantSettings:
+    name: str
+    merchant: Merchant  # holds the API key; its repr never shows it
+
+
+@dataclass(frozen=True)
+class CloseSettings:
+    merchants: Mapping[str, MerchantSettings]
+    base_url: str
+    failover_base_url: str | None
+    connect_timeout: float
+    read_timeout: float
+    max_response_bytes: int
+    payment_window: timedelta
+    min_order_age: timedelta
+    max_attempts: int
+    retry_backoff: timedelta
+    retry_backoff_max: timedelta
+    claim_timeout: timedelta
+    workers: int
+    batch_size: int
+    admin_max_selection: int
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        return (self.base_url, self.failover_base_url) if self.failover_base_url else (self.base_url,)
+
+    @property
+    def longest_exchange(self) -> timedelta:
+        """The most one close can take: every region tried, each up to connect + read time."""
+        return timedelta(seconds=len(self.base_urls) * (self.connect_timeout + self.read_timeout))
+
+    def build_client(self, merchant_name: str, *, pool_size: int | None = None) -> CloseOrderClient:
+        return CloseOrderClient(
+            self.merchants[merchant_name].merchant,
+            base_urls=self.base_urls,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_response_bytes=self.max_response_bytes,
+            pool_size=pool_size or self.workers,
+        )
+
+    def retry_delay(self, retry_number: int) -> timedelta:
+        """Exponential backoff: RETRY_BACKOFF, doubled per retry, capped at RETRY_BACKOFF_MAX."""
+        doublings = min(max(retry_number - 1, 0), 32)
+        return min(self.retry_backoff * (2**doublings), self.retry_backoff_max)
+
+
+@dataclass(frozen=True)
+class SettingProblem:
+    id: str  # "django_wxpay_close.E001": stable, never reused
+    message: str
+    hint: str = ""
+    is_error: bool = True
+
+
+@dataclass
+class _Inspection:
+    problems: list[SettingProblem] = field(default_factory=list)
+
+    def error(self, number: int, message: str, hint: str = "") -> None:
+        self.problems.append(SettingProblem(f"django_wxpay_close.E{number:03d}", message, hint))
+
+    def warning(self, number: int, message: str, hint: str = "") -> None:
+        self.problems.append(SettingProblem(f"django_wxpay_close.W{number:03d}", message, hint, is_error=False))
+
+
+def _as_timedelta(value: Any) -> timedelta | None:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(name: str, url: Any, report: _Inspection) -> str | None:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        report.error(7, f"WXPAY_CLOSE['{name}'] must be an http(s) URL without query, got {url!r}.",
+                     f"Use {HONG_KONG_BASE_URL!r} or {UNITED_STATES_BASE_URL!r}.")
+        return None
+    if parts.scheme == "http" and not settings.DEBUG and not _is_loopback(parts.hostname):
+        report.error(8, f"WXPAY_CLOSE['{name}'] {url!r} is not HTTPS.",
+                     "Outside DEBUG only HTTPS (or a loopback simulator) may receive signed requests.")
+        return None
+    return url.rstrip("/")
+
+
+def _inspect_merchant(name: str, raw: Any, report: _Inspection) -> MerchantSettings | None:
+    where = f"WXPAY_CLOSE['MERCHANTS'][{name!r}]"
+    if not isinstance(raw, Mapping):
+        report.error(3, f"{where} must be a dict, got {type(raw).__name__}.")
+        return None
+    missing = [key for key in _MERCHANT_REQUIRED if not raw.get(key)]
+    if missing:
+        report.error(3, f"{where} is missing {', '.join(missing)}.",
+                     "Every merchant needs APPID, MCH_ID, SUB_MCH_ID and API_KEY (from the WeChat Pay merchant platform).")
+        return None
+    unknown = sorted(set(raw) - _MERCHANT_KEYS)
+    if unknown:
+        report.warning(2, f"{where} has unknown keys {', '.join(unknown)}; they are ignored.",
+                       f"Known keys: {', '.join(sorted(_MERCHANT_KEYS))}.")
+    try:
+        sign_type = SignType.parse(raw.get("SIGN_TYPE", SignType.HMAC_SHA256.value))
+    except ValueError as exc:
+        report.error(6, f"{where}['SIGN_TYPE']: {exc}.")
+        return None
+    api_key = raw["API_KEY"]
+    if not isinstance(api_key, str) or len(api_key) != API_KEY_LENGTH or not api_key.isascii():
+        report.error(5, f"{where}['API_KEY'] must be the {API_KEY_LENGTH}-character API key.",
+                     "Copy it from the merchant platform (API security); it is never shown here.")
+        return None
+    try:
+        merchant = Merchant(
+            appid=raw["APPID"], mch_id=str(raw["MCH_ID"]), sub_mch_id=str(raw["SUB_MCH_ID"]),
+            api_key=api_key, sign_type=sign_type, sub_appid=raw.get("SUB_APPID") or None,
+        )
+    except InvalidRequestField as exc:
+        report.error(4, f"{where}: {exc}.")
+        return None
+    return MerchantSettings(name=name, merchant=merchant)
+
+
+def inspect_settings() -> tuple[CloseSettings | None, list[SettingProblem]]:
+    """Parse `settings.WXPAY_CLOSE`; the settings object is None when any problem is an error."""
+    report = _Inspection()
+    raw = getattr(settings, "WXPAY_CLOSE", None)
+    if not isinstance(raw, Mapping):
+        report.error(1, "settings.WXPAY_CLOSE is missing or not a dict.",
+                     "Add WXPAY_CLOSE = {'MERCHANTS': {'default': {...}}}; see the README.")
+        return None, report.problems
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        report.warning(1, f"WXPAY_CLOSE has unknown keys {', '.join(unknown)}; they are ignored.",
+                       f"Known keys: {', '.join(sorted(DEFAULTS))}.")
+    values = {**DEFAULTS, **raw}
+
+    merchants: dict[str, MerchantSettings] = {}
+    if not isinstance(values["MERCHANTS"], Mapping) or not values["MERCHANTS"]:
+        report.error(2, "WXPAY_CLOSE['MERCHANTS'] must name at least one merchant.",
+                     "For example {'default': {'APPID': ..., 'MCH_ID': ..., 'SUB_MCH_ID': ..., 'API_KEY': ...}}.")
+    else:
+        for name, merchant_raw in values["MERCHANTS"].items():
+            parsed = _inspect_merchant(str(name), merchant_raw, report)
+            if parsed:
+                merchants[parsed.name] = parsed
+
+    base_url = _check_base_url("BASE_URL", values["BASE_URL"], report)
+    failover = values["FAILOVER_BASE_URL"]
+    if failover is not None:
+        failover = _check_base_url("FAILOVER_BASE_URL", failover, report)
+
+    converted: dict[str, Any] = {}
+    for key in _DURATIONS:
+        duration = _as_timedelta(values[key])
+        if duration is None or duration <= timedelta(0):
+            report.error(9, f"WXPAY_CLOSE['{key}'] must be a positive timedelta or number of seconds, got {values[key]!r}.")
+        converted[key] = duration
+    for key in _POSITIVE_NUMBERS:
+        number = values[key]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0:
+            report.error(9, f"WXPAY_CLOSE['{key}'] must be a positive number of seconds, got {number!r}.")
+        converted[key] = number
+    for key in _POSITIVE_INTEGERS:
+        number = values[key]
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            report.error(9, f"WXPAY_CLOSE['{key}'] must be a whole number of at least 1, got {number!r}.")
+        converted[key] = number
+
+    if any(problem.is_error for problem in report.problems):
+        return None, report.problems
+    parsed_settings = CloseSettings(
+        merchants=merchants, base_url=base_url or "", failover_base_url=failover,
+        connect_timeout=float(converted["CONNECT_TIMEOUT"]), read_timeout=float(converted["READ_TIMEOUT"]),
+        max_response_bytes=converted["MAX_RESPONSE_BYTES"], payment_window=converted["PAYMENT_WINDOW"],
+        min_order_age=converted["MIN_ORDER_AGE"], max_attempts=converted["MAX_ATTEMPTS"],
+        retry_backoff=converted["RETRY_BACKOFF"], retry_backoff_max=converted["RETRY_BACKOFF_MAX"],
+        claim_timeout=converted["CLAIM_TIMEOUT"], workers=converted["WORKERS"], batch_size=converted["BATCH_SIZE"],
+        admin_max_selection=converted["ADMIN_MAX_SELECTION"],
+    )
+    if parsed_settings.claim_timeout <= parsed_settings.longest_exchange:
+        report.error(10, f"WXPAY_CLOSE['CLAIM_TIMEOUT'] ({parsed_settings.claim_timeout}) must exceed the longest "
+                         f"close exchange ({parsed_settings.longest_exchange}).",
+                     "Otherwise a claim could expire while its request is in flight and a second sweeper resend it.")
+        return None, report.problems
+    if parsed_settings.min_order_age < timedelta(minutes=5):
+        report.warning(3, f"WXPAY_CLOSE['MIN_ORDER_AGE'] is {parsed_settings.min_order_age}, under 5 minutes.",
+                       "WeChat rejects or mishandles closing an order younger than 5 minutes.")
+    return parsed_settings, report.problems
+
+
+def load_settings() -> CloseSettings:
+    """The validated settings, or `ImproperlyConfigured` listing every error (nothing is sent then)."""
+    parsed, problems = inspect_settings()
+    if parsed is None:
+        errors = "; ".join(f"{p.message} ({p.id})" for p in problems if p.is_error)
+        raise ImproperlyConfigured(f"WXPAY_CLOSE is not usable: {errors}")
+    return parsed

@@ -1,0 +1,175 @@
+"""Order state and the close audit trail. No HTTP here: services.py is the only writer of state."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from .wechat import Outcome
+
+out_trade_no_validator = RegexValidator(
+    r"^[A-Za-z0-9_\-|*@]{1,32}\Z", "1-32 characters: letters, digits and _ - | * @ only."
+)
+
+
+class OrderState(models.TextChoices):
+    """Where the order stands at WeChat, as far as we know.
+
+    OPEN: created at WeChat and not (yet) paid or closed; the sweep closes it after its deadline.
+    CLOSED: WeChat closed it (by us or someone before us); it can never be paid.
+    PAID: WeChat says the payer paid; never marked closed; the shop must fulfil or refund.
+    UNKNOWN_TO_WECHAT: WeChat said ORDERNOTEXIST until the retries ran out; it cannot be paid.
+    """
+
+    OPEN = "open", "Open (awaiting payment)"
+    CLOSED = "closed", "Closed"
+    PAID = "paid", "Paid"
+    UNKNOWN_TO_WECHAT = "unknown_to_wechat", "Never known to WeChat"
+
+
+# The only state changes there are; each is applied as an UPDATE … WHERE state = <from>.
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    OrderState.OPEN: frozenset({OrderState.CLOSED, OrderState.PAID, OrderState.UNKNOWN_TO_WECHAT}),
+    # Money that arrives for an order WeChat had denied knowing must still be recorded.
+    OrderState.UNKNOWN_TO_WECHAT: frozenset({OrderState.PAID}),
+    OrderState.CLOSED: frozenset(),
+    OrderState.PAID: frozenset(),
+}
+
+
+class Trigger(models.TextChoices):
+    ADMIN = "admin", "Admin action"
+    COMMAND = "command", "close_expired_orders"
+    CODE = "code", "Application code"
+
+
+class Order(models.Model):
+    merchant = models.CharField(max_length=64, help_text="Key of the merchant in WXPAY_CLOSE['MERCHANTS'].")
+    appid = models.CharField(max_length=32, help_text="Snapshot at creation.")
+    mch_id = models.CharField(max_length=32, help_text="Snapshot at creation.")
+    sub_mch_id = models.CharField(max_length=32, help_text="Snapshot at creation.")
+    sub_appid = models.CharField(max_length=32, blank=True, help_text="Snapshot at creation (institutional mode).")
+    out_trade_no = models.CharField(max_length=32, validators=[out_trade_no_validator])
+    amount = models.PositiveBigIntegerField(null=True, blank=True, help_text="In the currency's minor unit, if known.")
+    currency = models.CharField(max_length=3, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, help_text="When the order was created at WeChat.")
+    payment_deadline = models.DateTimeField(help_text="After this the order is closed if unpaid.")
+
+    state = models.CharField(max_length=20, choices=OrderState.choices, default=OrderState.OPEN)
+    state_changed_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+
+    attempt_count = models.PositiveIntegerField(default=0, help_text="closeorder exchanges completed.")
+    retry_count = models.PositiveIntegerField(default=0, help_text="Consecutive retryable failures (MAX_ATTEMPTS).")
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="Empty: due as soon as expired.")
+    last_outcome = models.CharField(max_length=32, blank=True, choices=[(o.value, o.label) for o in Outcome])
+    last_error = models.TextField(blank=True)
+    on_hold = models.BooleanField(
+        default=False, help_text="The sweep leaves it alone until a person acts (untrusted answer, bug, retries spent)."
+    )
+
+    claim_token = models.UUIDField(null=True, blank=True, editable=False)
+    claim_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["mch_id", "sub_mch_id", "out_trade_no"], name="wxpay_close_unique_out_trade_no"),
+            models.CheckConstraint(
+                condition=~(Q(closed_at__isnull=False) & Q(paid_at__isnull=False)), name="wxpay_close_not_closed_and_paid"
+            ),
+        ]
+        indexes = [
+            # The sweep's query: open, not on hold, past the deadline, oldest deadline first.
+            models.Index(
+                fields=["payment_deadline", "id"], condition=Q(state="open", on_hold=False), name="wxpay_close_due_idx"
+            ),
+            models.Index(fields=["state", "merchant"], name="wxpay_close_state_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.out_trade_no} ({self.get_state_display()})"
+
+    @property
+    def is_overdue(self) -> bool:
+        return self.state == OrderState.OPEN and self.payment_deadline <= timezone.now()
+
+
+class CloseAttemptQuerySet(models.QuerySet["CloseAttempt"]):
+    def delete(self) -> Any:
+        raise PermissionError("Close attempts are an audit trail and are never deleted.")
+
+    def unfinished(self) -> CloseAttemptQuerySet:
+        return self.filter(completed_at__isnull=True)
+
+
+class CloseAttempt(models.Model):
+    """One closeorder HTTP exchange. Created before the request leaves, completed once after.
+
+    An attempt with no `completed_at` is one whose process died (or is still waiting) mid-request.
+    """
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts")
+    merchant = models.CharField(max_length=64)
+    mch_id = models.CharField(max_length=32)
+    sub_mch_id = models.CharField(max_length=32)
+    out_trade_no = models.CharField(max_length=32)
+    trigger = models.CharField(max_length=10, choices=Trigger.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor = models.CharField(max_length=150, blank=True, help_text="Username at the time; survives the user.")
+    url = models.CharField(max_length=300, help_text="The URL that answered, or the last one tried.")
+    failed_over_from = models.CharField(max_length=300, blank=True)
+    sign_type = models.CharField(max_length=16)
+    request_xml = models.TextField(help_text="The exact body sent (holds the signature, never the key).")
+
+    started_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.TextField(blank=True, help_text="Raw body, capped; undecodable bytes escaped.")
+    return_code = models.CharField(max_length=16, blank=True)
+    return_msg = models.CharField(max_length=128, blank=True)
+    result_code = models.CharField(max_length=16, blank=True)
+    err_code = models.CharField(max_length=32, blank=True)
+    err_code_des = models.CharField(max_length=128, blank=True)
+    signature_verified = models.BooleanField(null=True, blank=True)
+    outcome = models.CharField(max_length=32, blank=True, choices=[(o.value, o.label) for o in Outcome])
+    reason = models.TextField(blank=True)
+
+    objects = CloseAttemptQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx")]
+
+    def __str__(self) -> str:
+        return f"closeorder {self.out_trade_no} at {self.started_at:%Y-%m-%d %H:%M:%S}: {self.outcome or 'unfinished'}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.completed_at is not None
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise PermissionError("Close attempts are append-only; complete them with complete().")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError("Close attempts are an audit trail and are never deleted.")
+
+    def complete(self, **fields: Any) -> bool:
+        """Record the answer once. False if it was already completed (it is then left untouched)."""
+        fields.setdefault("completed_at", timezone.now())
+        updated = CloseAttempt.objects.filter(pk=self.pk, completed_at__isnull=True).update(**fields)
+        if updated:
+            for name, value in fields.items():
+                setattr(self, name, value)
+        return bool(updated)

@@ -1,0 +1,621 @@
+"""The only code that calls WeChat and changes an order's state.
+
+Rules every function here keeps:
+- An order is *claimed* (a conditional UPDATE with a lease) before its request is built, so two
+  callers (cron hosts, the admin, the command) never have closeorder in flight for the same order;
+  no database lock is held while the request is in flight.
+- The audit row is written before the request leaves and completed once after it.
+- A state change is an UPDATE … WHERE state = <the state the close started from>.
+- These functions must not run inside `transaction.atomic()`: a rollback of the caller's
+  transaction would erase audit rows of requests that really went out. They raise
+  `TransactionManagementError` if called that way. `create_order` and `record_payment` send
+  nothing and may run inside a transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from functools import lru_cache
+from typing import Any
+
+from django.db import connections, transaction
+from django.db.models import Case, F, Value, When
+from django.db.utils import DatabaseError
+from django.utils import timezone
+
+from . import signals
+from .conf import CloseSettings, load_settings
+from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
+from .selectors import claimable, orders_due_for_closing, why_not_closable
+from .wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, validate_out_trade_no
+
+__all__ = [
+    "CloseAction",
+    "OrderCloseResult",
+    "CloseReport",
+    "InvalidTransition",
+    "close_order",
+    "close_orders",
+    "sweep_expired_orders",
+    "create_order",
+    "record_payment",
+]
+
+logger = logging.getLogger("django_wxpay_close")
+
+
+class CloseAction(str, Enum):
+    """What the service did with one order; the summaries count these."""
+
+    CLOSED = "closed"
+    ALREADY_CLOSED = "already_closed"
+    FOUND_PAID = "found_paid"
+    RETRY_SCHEDULED = "retry_scheduled"
+    MARKED_UNKNOWN = "unknown_to_wechat"  # ORDERNOTEXIST until retries ran out
+    PUT_ON_HOLD = "on_hold"  # a person must look: untrusted answer, our bug, retries spent
+    CONFIGURATION_ERROR = "configuration_error"  # wrong key/sign type/merchant: merchant halted for the run
+    SKIPPED = "skipped"  # nothing sent; `reason` says why
+    FAILED = "failed"  # an unexpected error on our side (logged with its traceback)
+
+    @property
+    def label(self) -> str:
+        return _ACTION_LABELS[self]
+
+    @property
+    def is_alarm(self) -> bool:
+        """Something cron monitoring should hear about (non-zero exit status)."""
+        return self in (CloseAction.CONFIGURATION_ERROR, CloseAction.PUT_ON_HOLD, CloseAction.FAILED)
+
+
+_ACTION_LABELS = {
+    CloseAction.CLOSED: "closed",
+    CloseAction.ALREADY_CLOSED: "were already closed",
+    CloseAction.FOUND_PAID: "were already paid",
+    CloseAction.RETRY_SCHEDULED: "will be retried",
+    CloseAction.MARKED_UNKNOWN: "were never known to WeChat",
+    CloseAction.PUT_ON_HOLD: "need attention",
+    CloseAction.CONFIGURATION_ERROR: "hit a configuration error",
+    CloseAction.SKIPPED: "were skipped",
+    CloseAction.FAILED: "failed unexpectedly",
+}
+
+
+CLAIMED_ELSEWHERE = "a close is already in flight for it"
+MERCHANT_HALTED = "its merchant hit a configuration error earlier in this run"
+
+
+class InvalidTransition(Exception):
+    """A state change the transition table does not allow (e.g. a payment for a closed order)."""
+
+
+@dataclass(frozen=True)
+class OrderCloseResult:
+    order_id: int
+    out_trade_no: str
+    merchant: str
+    action: CloseAction
+    reason: str = ""
+    outcome: Outcome | None = None  # None when nothing was sent
+    attempt_id: int | None = None
+    duration: float = 0.0  # seconds spent on the HTTP exchange
+
+    @property
+    def summary_key(self) -> str:
+        """A short, low-cardinality reason for summaries: the err_code or outcome, else the reason."""
+        if self.outcome is not None and self.action not in (CloseAction.CLOSED, CloseAction.FOUND_PAID):
+            return self.reason.split(":", 1)[0] if self.reason else self.outcome.value
+        return self.reason
+
+
+_MAX_SUMMARY_KEYS = 100
+
+
+@dataclass
+class CloseReport:
+    """Counts by action, merchant and reason: constant memory whatever the backlog."""
+
+    by_action: Counter[CloseAction] = field(default_factory=Counter)
+    by_merchant: Counter[tuple[str, CloseAction]] = field(default_factory=Counter)
+    by_reason: Counter[tuple[CloseAction, str]] = field(default_factory=Counter)
+    halted_merchants: dict[str, str] = field(default_factory=dict)
+    started_at: datetime = field(default_factory=timezone.now)
+    finished_at: datetime | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, result: OrderCloseResult) -> None:
+        with self._lock:
+            self.by_action[result.action] += 1
+            self.by_merchant[(result.merchant, result.action)] += 1
+            key = (result.action, result.summary_key)
+            if key in self.by_reason or len(self.by_reason) < _MAX_SUMMARY_KEYS:
+                self.by_reason[key] += 1
+            if result.action is CloseAction.CONFIGURATION_ERROR:
+                self.halted_merchants.setdefault(result.merchant, result.reason)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_action.values())
+
+    @property
+    def has_alarms(self) -> bool:
+        return any(action.is_alarm for action in self.by_action)
+
+    def sentence(self) -> str:
+        """'3 closed, 1 were already paid, 1 will be retried (SYSTEMERROR)' — for people."""
+        parts = []
+        for action in CloseAction:
+            count = self.by_action.get(action, 0)
+            if not count:
+                continue
+            reasons = sorted(
+                (reason for (reason_action, reason) in self.by_reason if reason_action is action and reason),
+            )
+            detail = f" ({'; '.join(reasons[:5])})" if reasons and action not in (CloseAction.CLOSED,) else ""
+            parts.append(f"{count} {action.label}{detail}")
+        return ", ".join(parts) or "nothing to do"
+
+
+def _require_autocommit() -> None:
+    if transaction.get_connection().in_atomic_block:
+        raise transaction.TransactionManagementError(
+            "django_wxpay_close services send requests to WeChat and must run outside transaction.atomic(): "
+            "a rollback would erase the audit rows of requests that really went out."
+        )
+
+
+@lru_cache(maxsize=64)
+def _client(
+    merchant: Merchant, base_urls: tuple[str, ...], connect_timeout: float, read_timeout: float,
+    max_response_bytes: int, pool_size: int,
+) -> CloseOrderClient:
+    """One client (and so one connection pool) per merchant and endpoint config, reused across calls."""
+    return CloseOrderClient(
+        merchant, base_urls=base_urls, connect_timeout=connect_timeout, read_timeout=read_timeout,
+        max_response_bytes=max_response_bytes, pool_size=pool_size,
+    )
+
+
+def _response_text(body: bytes) -> str:
+    # Bytes that are not UTF-8 are kept visible as escapes; NUL is escaped too (PostgreSQL text refuses it).
+    return body.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def _audit_answer(result: CloseResult) -> dict[str, Any]:
+    return {
+        "url": result.url[:300],
+        "failed_over_from": (result.failed_over_from or "")[:300],
+        "duration_ms": round(result.elapsed * 1000),
+        "http_status": result.http_status,
+        "response_body": _response_text(result.response_body),
+        "return_code": result.return_code[:16],
+        "return_msg": result.return_msg[:128],
+        "result_code": result.result_code[:16],
+        "err_code": result.err_code[:32],
+        "err_code_des": result.err_code_des[:128],
+        "signature_verified": result.signature_verified,
+        "outcome": result.outcome.value,
+        "reason": result.reason,
+    }
+
+
+def _send_signal(signal: Any, order: Order, **kwargs: Any) -> None:
+    def send() -> None:
+        for receiver, response in signal.send_robust(sender=Order, order=order, **kwargs):
+            if isinstance(response, Exception):
+                logger.error(
+                    "A receiver of a django_wxpay_close signal failed: %r", receiver,
+                    exc_info=response, extra={"order_id": order.pk, "out_trade_no": order.out_trade_no},
+                )
+
+    if signal.has_listeners(Order):
+        transaction.on_commit(send)
+
+
+class _CloseRun:
+    """One caller's batch: shared settings, clients, and the merchants halted in this run."""
+
+    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None) -> None:
+        self.settings = settings
+        self.trigger = trigger
+        self.user = user if getattr(user, "pk", None) is not None else None
+        self.actor = self.user.get_username() if self.user is not None else ""
+        self.halted: dict[str, str] = {}
+        self._halt_lock = threading.Lock()
+
+    def client_for(self, merchant_name: str) -> CloseOrderClient:
+        s = self.settings
+        return _client(
+            s.merchants[merchant_name].merchant, s.base_urls, s.connect_timeout, s.read_timeout,
+            s.max_response_bytes, s.workers,
+        )
+
+    def halt(self, merchant_name: str, reason: str) -> None:
+        with self._halt_lock:
+            if merchant_name not in self.halted:
+                self.halted[merchant_name] = reason
+                logger.error(
+                    "Stopped closing orders of merchant %r for this run: %s", merchant_name, reason,
+                    extra={"merchant": merchant_name, "outcome": Outcome.CONFIGURATION_ERROR.value},
+                )
+
+    # -- claims ------------------------------------------------------------------------------
+
+    def claim_one(self, order: Order, *, now: datetime) -> str | None:
+        """Claim `order` for this caller; None on success, else why it is not sent."""
+        blocker = why_not_closable(order, now=now, min_order_age=self.settings.min_order_age)
+        if blocker:
+            return blocker
+        token = uuid.uuid4()
+        expires = now + self.settings.claim_timeout
+        # An explicit close (admin, code) is a person's decision: it lifts a hold and restarts the retry budget.
+        claimed = Order.objects.filter(claimable(now), pk=order.pk, state=OrderState.OPEN).update(
+            claim_token=token, claim_expires_at=expires, on_hold=False, retry_count=0
+        )
+        if not claimed:
+            order.refresh_from_db(fields=["state", "claim_expires_at"])
+            return why_not_closable(order, now=now, min_order_age=self.settings.min_order_age) or CLAIMED_ELSEWHERE
+        order.claim_token, order.claim_expires_at, order.on_hold, order.retry_count = token, expires, False, 0
+        return None
+
+    def claim_due_batch(self, *, now: datetime, limit: int, merchants: list[str] | None,
+                        older_than: timedelta | None) -> list[Order]:
+        """Claim up to `limit` due orders in one short transaction (SKIP LOCKED where supported)."""
+        token = uuid.uuid4()
+        expires = now + self.settings.claim_timeout
+        due = orders_due_for_closing(
+            now=now, min_order_age=self.settings.min_order_age, merchants=merchants,
+            exclude_merchants=list(self.halted), older_than=older_than,
+        )
+        with transaction.atomic():
+            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            if not ids:
+                return []
+            Order.objects.filter(claimable(now), pk__in=ids, state=OrderState.OPEN).update(
+                claim_token=token, claim_expires_at=expires
+            )
+        return list(Order.objects.filter(pk__in=ids, claim_token=token).order_by("payment_deadline", "pk"))
+
+    def _keep_claim(self, order: Order) -> bool:
+        """Renew the lease if what is left of it could not cover a full exchange; False if it was lost."""
+        now = timezone.now()
+        margin = self.settings.longest_exchange + timedelta(seconds=5)
+        if order.claim_expires_at and order.claim_expires_at - now > margin:
+            return True
+        expires = now + self.settings.claim_timeout
+        renewed = Order.objects.filter(pk=order.pk, claim_token=order.claim_token, state=OrderState.OPEN).update(
+            claim_expires_at=expires
+        )
+        order.claim_expires_at = expires
+        return bool(renewed)
+
+    def _release(self, order: Order, **updates: Any) -> int:
+        """Clear our claim (only if still ours) and apply bookkeeping; the state is left as it is."""
+        mine = When(claim_token=order.claim_token, then=Value(None))
+        return Order.objects.filter(pk=order.pk).update(
+            claim_token=Case(mine, default=F("claim_token")),
+            claim_expires_at=Case(mine, default=F("claim_expires_at")),
+            **updates,
+        )
+
+    # -- one order ---------------------------------------------------------------------------
+
+    def close_claimed(self, order: Order) -> OrderCloseResult:
+        """Send closeorder for an order this run has claimed, audit it and apply the answer."""
+        merchant_settings = self.settings.merchants.get(order.merchant)
+        problem = None
+        if order.merchant in self.halted:
+            self._release(order)
+            return self._result(order, CloseAction.SKIPPED, MERCHANT_HALTED)
+        if merchant_settings is None:
+            problem = f"merchant {order.merchant!r} is not in WXPAY_CLOSE['MERCHANTS']"
+        elif (order.appid, order.mch_id) != (merchant_settings.merchant.appid, merchant_settings.merchant.mch_id):
+            problem = (
+                f"order was created for appid {order.appid}/mch_id {order.mch_id} but merchant "
+                f"{order.merchant!r} is configured with {merchant_settings.merchant.appid}/{merchant_settings.merchant.mch_id}"
+            )
+        if problem:
+            self.halt(order.merchant, problem)
+            self._release(order, last_outcome=Outcome.CONFIGURATION_ERROR.value, last_error=problem)
+            return self._result(order, CloseAction.CONFIGURATION_ERROR, problem)
+
+        client = self.client_for(order.merchant)
+        try:
+            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
+        except InvalidRequestField as exc:
+            self._release(order, on_hold=True, last_outcome=Outcome.CLIENT_BUG.value, last_error=str(exc))
+            return self._result(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}")
+        if not self._keep_claim(order):
+            return self._result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
+
+        attempt = CloseAttempt.objects.create(
+            order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
+            out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
+            url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
+        )
+        result = client.send(prepared)
+        attempt.complete(**_audit_answer(result))
+        return self._apply(order, attempt, result)
+
+    def _apply(self, order: Order, attempt: CloseAttempt, result: CloseResult) -> OrderCloseResult:
+        now = timezone.now()
+        outcome = result.outcome
+        bookkeeping: dict[str, Any] = {
+            "attempt_count": F("attempt_count") + 1,
+            "last_attempt_at": now,
+            "last_outcome": outcome.value,
+            "last_error": result.reason,
+        }
+
+        def finish(action: CloseAction, reason: str = result.reason) -> OrderCloseResult:
+            logger.info(
+                "closeorder %s: %s%s", order.out_trade_no, outcome.value, f" ({reason})" if reason else "",
+                extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
+                       "outcome": outcome.value, "action": action.value, "duration_ms": attempt.duration_ms,
+                       "attempt_id": attempt.pk},
+            )
+            return self._result(order, action, reason, outcome=outcome, attempt=attempt, duration=result.elapsed)
+
+        if outcome.order_is_closed or outcome is Outcome.PAID:
+            target, stamp = (OrderState.PAID, "paid_at") if outcome is Outcome.PAID else (OrderState.CLOSED, "closed_at")
+            if not self._transition(order, target, now, bookkeeping, retry_count=0, next_attempt_at=None, **{stamp: now}):
+                return finish(CloseAction.FAILED, f"WeChat answered {outcome.value} but the order is now {order.state}")
+            if outcome is Outcome.PAID:
+                _send_signal(signals.order_found_paid, order, attempt=attempt)
+                return finish(CloseAction.FOUND_PAID)
+            _send_signal(signals.order_closed, order, attempt=attempt, already_closed=outcome is Outcome.ALREADY_CLOSED)
+            return finish(CloseAction.ALREADY_CLOSED if outcome is Outcome.ALREADY_CLOSED else CloseAction.CLOSED)
+
+        if outcome.halts_merchant:
+            self.halt(order.merchant, result.reason)
+            self._release(order, **bookkeeping, next_attempt_at=now + self.settings.retry_backoff)
+            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
+            return finish(CloseAction.CONFIGURATION_ERROR)
+
+        if outcome.needs_attention:
+            self._release(order, **bookkeeping, on_hold=True)
+            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
+            return finish(CloseAction.PUT_ON_HOLD)
+
+        retries = order.retry_count + 1
+        if retries < self.settings.max_attempts:
+            delay = self.settings.retry_delay(retries)
+            self._release(order, **bookkeeping, retry_count=F("retry_count") + 1, next_attempt_at=now + delay)
+            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
+            return finish(CloseAction.RETRY_SCHEDULED)
+
+        exhausted = f"gave up after {retries} attempts; last: {result.reason or outcome.value}"
+        if outcome is Outcome.NOT_FOUND:
+            # PROTOCOL.md: after the last retry an ORDERNOTEXIST order is terminal and can never be paid.
+            if not self._transition(order, OrderState.UNKNOWN_TO_WECHAT, now, bookkeeping, retry_count=retries):
+                return finish(CloseAction.FAILED, f"WeChat answered {outcome.value} but the order is now {order.state}")
+            action = CloseAction.MARKED_UNKNOWN
+        else:
+            self._release(order, **bookkeeping, retry_count=retries, on_hold=True)
+            action = CloseAction.PUT_ON_HOLD
+        _send_signal(signals.close_attempts_exhausted, order, attempt=attempt, outcome=outcome, reason=exhausted)
+        return finish(action, exhausted)
+
+    def _transition(self, order: Order, target: str, now: datetime, bookkeeping: dict[str, Any], **updates: Any) -> bool:
+        """Conditional state change from the state the close started from; False if the state moved."""
+        source = order.state
+        if target not in ALLOWED_TRANSITIONS[source]:
+            raise InvalidTransition(f"{source} -> {target} is not an allowed transition")
+        changed = Order.objects.filter(pk=order.pk, state=source).update(
+            state=target, state_changed_at=now, claim_token=None, claim_expires_at=None, **bookkeeping, **updates
+        )
+        if not changed:
+            self._release(order, **bookkeeping)
+            order.refresh_from_db(fields=["state"])
+            return False
+        order.state, order.state_changed_at, order.claim_token, order.claim_expires_at = target, now, None, None
+        for name, value in updates.items():
+            setattr(order, name, value)
+        order.last_outcome, order.last_error = bookkeeping["last_outcome"], bookkeeping["last_error"]
+        return True
+
+    @staticmethod
+    def _result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
+                attempt: CloseAttempt | None = None, duration: float = 0.0) -> OrderCloseResult:
+        return OrderCloseResult(
+            order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action,
+            reason=reason, outcome=outcome, attempt_id=attempt.pk if attempt else None, duration=duration,
+        )
+
+
+class _WorkerPool:
+    """A bounded pool of threads for the network-bound closes; each thread closes its DB connection on exit."""
+
+    _STOP = object()
+
+    def __init__(self, workers: int, handle: Callable[[Order], OrderCloseResult],
+                 on_result: Callable[[OrderCloseResult], None]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
+        self._handle = handle
+        self._on_result = on_result
+        self._threads = [
+            threading.Thread(target=self._work, name=f"wxpay-close-{n}", daemon=True) for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, order: Order) -> None:
+        self._queue.put(order)
+
+    def join(self) -> None:
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        try:
+            while (order := self._queue.get()) is not self._STOP:
+                self._on_result(_guarded(self._handle, order))
+        finally:
+            connections.close_all()
+
+
+def _guarded(handle: Callable[[Order], OrderCloseResult], order: Order) -> OrderCloseResult:
+    """Isolate one order's unexpected failure: log it, report it, keep going with the others."""
+    try:
+        return handle(order)
+    except (DatabaseError, InvalidTransition, OSError, ValueError) as exc:
+        logger.exception(
+            "Closing order %s failed unexpectedly", order.out_trade_no,
+            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant},
+        )
+        return OrderCloseResult(order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant,
+                                action=CloseAction.FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+
+# -- public services ---------------------------------------------------------------------------
+
+
+def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) -> OrderCloseResult:
+    """Close one order now (if it is open, old enough and not in flight elsewhere)."""
+    _require_autocommit()
+    run = _CloseRun(load_settings(), trigger=trigger, user=user)
+    skip = run.claim_one(order, now=timezone.now())
+    if skip:
+        return run._result(order, CloseAction.SKIPPED, skip)
+    return _guarded(run.close_claimed, order)
+
+
+def close_orders(
+    orders: Iterable[Order], *, trigger: str = Trigger.CODE, user: Any = None, workers: int | None = None,
+    on_result: Callable[[OrderCloseResult], None] | None = None,
+) -> CloseReport:
+    """Close several chosen orders (the admin action) with a bounded pool of worker threads."""
+    _require_autocommit()
+    settings = load_settings()
+    run = _CloseRun(settings, trigger=trigger, user=user)
+    report = CloseReport()
+
+    def record(result: OrderCloseResult) -> None:
+        report.add(result)
+        if on_result:
+            on_result(result)
+
+    def claim_and_close(order: Order) -> OrderCloseResult:
+        skip = run.claim_one(order, now=timezone.now())
+        return run._result(order, CloseAction.SKIPPED, skip) if skip else run.close_claimed(order)
+
+    pool = _WorkerPool(workers or settings.workers, claim_and_close, record)
+    try:
+        for order in orders:
+            pool.submit(order)
+    finally:
+        pool.join()
+    report.finished_at = timezone.now()
+    return report
+
+
+def sweep_expired_orders(
+    *,
+    trigger: str = Trigger.COMMAND,
+    merchants: list[str] | None = None,
+    older_than: timedelta | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    dry_run: bool = False,
+    on_result: Callable[[OrderCloseResult], None] | None = None,
+) -> CloseReport:
+    """Close every open order past its payment window, batch by batch, in constant memory.
+
+    Each batch is claimed in one short transaction, so several sweepers (cron on many hosts)
+    share a backlog without sending the same order twice. A merchant whose key is rejected is
+    halted for the rest of the run; its other orders stay untouched.
+    """
+    _require_autocommit()
+    settings = load_settings()
+    run = _CloseRun(settings, trigger=trigger)
+    report = CloseReport()
+    batch_size = batch_size or settings.batch_size
+    workers = workers or settings.workers
+
+    def record(result: OrderCloseResult) -> None:
+        report.add(result)
+        if on_result:
+            on_result(result)
+
+    if dry_run:
+        due = orders_due_for_closing(now=timezone.now(), min_order_age=settings.min_order_age,
+                                     merchants=merchants, older_than=older_than)
+        for order in (due[:limit] if limit else due).iterator(chunk_size=batch_size):
+            record(run._result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
+        report.finished_at = timezone.now()
+        return report
+
+    pool = _WorkerPool(workers, run.close_claimed, record)
+    claimed_total = 0
+    try:
+        while limit is None or claimed_total < limit:
+            size = batch_size if limit is None else min(batch_size, limit - claimed_total)
+            batch = run.claim_due_batch(now=timezone.now(), limit=size, merchants=merchants, older_than=older_than)
+            if not batch:
+                break
+            claimed_total += len(batch)
+            for order in batch:
+                pool.submit(order)
+    finally:
+        pool.join()
+    report.halted_merchants.update(run.halted)
+    report.finished_at = timezone.now()
+    return report
+
+
+def create_order(
+    *,
+    out_trade_no: str,
+    merchant: str = "default",
+    amount: int | None = None,
+    currency: str = "",
+    created_at: datetime | None = None,
+    payment_deadline: datetime | None = None,
+    sub_mch_id: str | None = None,
+    sub_appid: str | None = None,
+) -> Order:
+    """Record an order the shop just created at WeChat (unified order), snapshotting the merchant IDs."""
+    settings = load_settings()
+    if merchant not in settings.merchants:
+        raise ValueError(f"merchant {merchant!r} is not in WXPAY_CLOSE['MERCHANTS']")
+    validate_out_trade_no(out_trade_no)
+    configured = settings.merchants[merchant].merchant
+    created_at = created_at or timezone.now()
+    return Order.objects.create(
+        merchant=merchant, appid=configured.appid, mch_id=configured.mch_id,
+        sub_mch_id=sub_mch_id or configured.sub_mch_id, sub_appid=sub_appid or configured.sub_appid or "",
+        out_trade_no=out_trade_no, amount=amount, currency=currency, created_at=created_at,
+        payment_deadline=payment_deadline or created_at + settings.payment_window,
+    )
+
+
+def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
+    """Mark an order PAID because WeChat's payment notification (or an order query) said so.
+
+    Idempotent for an order already PAID; refuses a CLOSED order (WeChat cannot have taken that
+    payment: investigate). Afterwards the sweep never sends closeorder for it.
+    """
+    paid_at = paid_at or timezone.now()
+    for _ in range(3):  # the state may move under us once (a close landing); re-read and decide again
+        order.refresh_from_db(fields=["state"])
+        if order.state == OrderState.PAID:
+            return order
+        if OrderState.PAID not in ALLOWED_TRANSITIONS[order.state]:
+            raise InvalidTransition(f"order {order.out_trade_no} is {order.state}; a payment cannot be recorded")
+        if Order.objects.filter(pk=order.pk, state=order.state).update(
+            state=OrderState.PAID, state_changed_at=timezone.now(), paid_at=paid_at
+        ):
+            order.refresh_from_db()
+            _send_signal(signals.order_paid_recorded, order, attempt=None)
+            return order
+    raise InvalidTransition(f"order {order.out_trade_no} kept changing state; payment not recorded")

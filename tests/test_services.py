@@ -1,0 +1,358 @@
+"""The close service against the loopback simulator and a real database: PROTOCOL.md's outcome table."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.db.models import ProtectedError
+from django.utils import timezone
+
+from django_wxpay_close import signals
+from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
+from django_wxpay_close.services import (
+    CloseAction,
+    InvalidTransition,
+    close_order,
+    create_order,
+    record_payment,
+    sweep_expired_orders,
+)
+from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
+from django_wxpay_close.testing import OrderState as RemoteState
+from django_wxpay_close.wechat import Outcome
+
+
+def remote_state(simulator: Any, order: Order) -> RemoteState | None:
+    return simulator.order_state(order.out_trade_no, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id)
+
+
+@pytest.fixture
+def received() -> Any:
+    """Collects (signal name, kwargs) for every django_wxpay_close signal sent during the test."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    names = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded"]
+    receivers = {}
+    for name in names:
+        def receiver(sender: Any, _name: str = name, **kwargs: Any) -> None:
+            seen.append((_name, kwargs))
+        receivers[name] = receiver
+        getattr(signals, name).connect(receiver, sender=Order, weak=False)
+    yield seen
+    for name, receiver in receivers.items():
+        getattr(signals, name).disconnect(receiver, sender=Order)
+
+
+def test_an_expired_open_order_is_closed_and_audited(make_order, simulator):
+    order = make_order()
+
+    result = close_order(order, trigger=Trigger.CODE)
+
+    order.refresh_from_db()
+    assert result.action is CloseAction.CLOSED
+    assert order.state == OrderState.CLOSED and order.closed_at is not None and order.paid_at is None
+    assert remote_state(simulator, order) is RemoteState.CLOSED
+    attempt = order.close_attempts.get()
+    assert attempt.outcome == Outcome.CLOSED and attempt.is_finished and attempt.signature_verified is True
+    assert attempt.http_status == 200 and attempt.return_code == "SUCCESS" and attempt.result_code == "SUCCESS"
+    assert f"<out_trade_no>{order.out_trade_no}</out_trade_no>" in attempt.request_xml
+    assert "<return_code>" in attempt.response_body and attempt.url.startswith(simulator.base_url)
+    assert order.attempt_count == 1 and order.claim_token is None
+
+
+def test_an_order_already_closed_at_wechat_becomes_closed(make_order):
+    order = make_order(remote=RemoteState.CLOSED)
+    assert close_order(order).action is CloseAction.ALREADY_CLOSED
+    order.refresh_from_db()
+    assert order.state == OrderState.CLOSED
+
+
+def test_an_order_paid_at_wechat_becomes_paid_never_closed_and_the_host_is_told(make_order, received):
+    order = make_order(remote=RemoteState.PAID)
+
+    result = close_order(order)
+
+    order.refresh_from_db()
+    assert result.action is CloseAction.FOUND_PAID
+    assert order.state == OrderState.PAID and order.paid_at is not None and order.closed_at is None
+    [(name, kwargs)] = received
+    assert name == "order_found_paid" and kwargs["order"].pk == order.pk
+    assert kwargs["attempt"].outcome == Outcome.PAID
+
+
+def test_systemerror_keeps_the_order_open_and_schedules_a_retry_with_backoff(make_order, simulator, received):
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+    before = timezone.now()
+
+    result = close_order(order)
+
+    order.refresh_from_db()
+    assert result.action is CloseAction.RETRY_SCHEDULED
+    assert order.state == OrderState.OPEN and order.retry_count == 1 and not order.on_hold
+    assert before + timedelta(minutes=1) <= order.next_attempt_at <= timezone.now() + timedelta(minutes=1)
+    assert order.last_outcome == Outcome.RETRYABLE_ERROR and "SYSTEMERROR" in order.last_error
+    assert [name for name, _ in received] == ["close_failed"]
+
+
+def test_retry_backoff_doubles_per_retry_up_to_its_cap(wxpay_settings):
+    from django_wxpay_close.conf import load_settings
+
+    wxpay_settings.update(RETRY_BACKOFF=timedelta(seconds=30), RETRY_BACKOFF_MAX=timedelta(minutes=2))
+    delays = [load_settings().retry_delay(n) for n in range(1, 6)]
+    assert delays == [timedelta(seconds=s) for s in (30, 60, 120, 120, 120)]
+
+
+def test_ordernotexist_until_the_retries_run_out_marks_the_order_unknown_to_wechat(make_order, received):
+    order = make_order(remote=None)  # the simulator has never heard of it: ORDERNOTEXIST
+
+    actions = []
+    for _ in range(3):  # MAX_ATTEMPTS in the test settings
+        Order.objects.filter(pk=order.pk).update(next_attempt_at=None)
+        order.refresh_from_db()
+        actions.append(sweep_expired_orders().by_action)
+
+    order.refresh_from_db()
+    assert [list(a) for a in actions] == [[CloseAction.RETRY_SCHEDULED]] * 2 + [[CloseAction.MARKED_UNKNOWN]]
+    assert order.state == OrderState.UNKNOWN_TO_WECHAT and order.attempt_count == 3
+    assert received[-1][0] == "close_attempts_exhausted"
+
+
+def test_systemerror_until_the_retries_run_out_puts_the_order_on_hold(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR, times=None)
+    for _ in range(3):
+        Order.objects.filter(pk=order.pk).update(next_attempt_at=None)
+        sweep_expired_orders()
+    order.refresh_from_db()
+    assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
+    assert sweep_expired_orders().total == 0  # held orders wait for a person
+
+
+def test_a_success_body_with_a_bad_signature_changes_no_state_and_puts_the_order_on_hold(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.BAD_SIGNATURE)
+    result = close_order(order)
+    order.refresh_from_db()
+    assert result.action is CloseAction.PUT_ON_HOLD and result.outcome is Outcome.UNTRUSTED_RESPONSE
+    assert order.state == OrderState.OPEN and order.on_hold
+    assert order.close_attempts.get().signature_verified is False
+
+
+def test_a_network_failure_keeps_the_order_open_for_a_retry(make_order, wxpay_settings):
+    wxpay_settings["BASE_URL"] = "http://127.0.0.1:9"  # nothing listens there
+    order = make_order()
+    result = close_order(order)
+    order.refresh_from_db()
+    assert result.action is CloseAction.RETRY_SCHEDULED and result.outcome is Outcome.NETWORK_ERROR
+    assert order.state == OrderState.OPEN and order.close_attempts.get().http_status is None
+
+
+def test_a_refused_primary_region_fails_over_to_the_secondary_in_the_same_attempt(make_order, simulator, wxpay_settings):
+    wxpay_settings.update(BASE_URL="http://127.0.0.1:9", FAILOVER_BASE_URL=simulator.base_url)
+    order = make_order()
+    assert close_order(order).action is CloseAction.CLOSED
+    attempt = order.close_attempts.get()
+    assert attempt.url.startswith(simulator.base_url) and attempt.failed_over_from.startswith("http://127.0.0.1:9")
+
+
+def test_a_wrong_api_key_is_a_configuration_error_that_changes_nothing(make_order, wxpay_settings):
+    wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
+    order = make_order()
+    result = close_order(order)
+    order.refresh_from_db()
+    assert result.action is CloseAction.CONFIGURATION_ERROR
+    assert order.state == OrderState.OPEN and not order.on_hold and order.retry_count == 0
+
+
+def test_an_order_younger_than_the_minimum_age_is_skipped_without_sending(make_order, simulator):
+    order = make_order(age=timedelta(minutes=2), expired_for=timedelta(minutes=1))
+    result = close_order(order)
+    assert result.action is CloseAction.SKIPPED and "MIN_ORDER_AGE" in result.reason
+    assert simulator.requests == [] and not CloseAttempt.objects.exists()
+
+
+@pytest.mark.parametrize("state", [OrderState.PAID, OrderState.CLOSED, OrderState.UNKNOWN_TO_WECHAT])
+def test_an_order_that_is_not_open_is_skipped_without_sending(make_order, simulator, state):
+    order = make_order(state=state)
+    result = close_order(order)
+    assert result.action is CloseAction.SKIPPED and simulator.requests == []
+
+
+def test_an_order_claimed_by_another_caller_is_not_sent_twice(make_order, simulator):
+    order = make_order()
+    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() + timedelta(minutes=1))
+    result = close_order(order)
+    assert result.action is CloseAction.SKIPPED and "in flight" in result.reason
+    assert simulator.requests == []
+
+
+def test_a_lapsed_claim_of_a_dead_process_is_taken_over(make_order):
+    order = make_order()
+    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() - timedelta(seconds=1))
+    assert sweep_expired_orders().by_action == {CloseAction.CLOSED: 1}
+
+
+def test_the_audit_row_exists_before_the_request_is_answered(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.DELAY, delay=0.6)
+    worker = threading.Thread(target=close_order, args=(order,))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not CloseAttempt.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    in_flight = CloseAttempt.objects.get()
+    assert not in_flight.is_finished and in_flight.outcome == ""
+    assert simulator.close_requests_for(order.out_trade_no) <= 1
+    worker.join()
+    assert CloseAttempt.objects.get().outcome == Outcome.CLOSED
+
+
+def test_the_service_refuses_to_run_inside_a_transaction(make_order, simulator):
+    order = make_order()
+    with pytest.raises(transaction.TransactionManagementError, match="outside transaction.atomic"):
+        with transaction.atomic():
+            close_order(order)
+    assert simulator.requests == []
+
+
+def test_audit_rows_can_be_neither_edited_nor_deleted_and_protect_their_order(make_order):
+    order = make_order()
+    close_order(order)
+    attempt = CloseAttempt.objects.get()
+    attempt.reason = "rewritten"
+    with pytest.raises(PermissionError):
+        attempt.save()
+    with pytest.raises(PermissionError):
+        attempt.delete()
+    with pytest.raises(PermissionError):
+        CloseAttempt.objects.all().delete()
+    with pytest.raises(ProtectedError):
+        order.delete()
+    assert not attempt.complete(reason="second answer")
+    assert CloseAttempt.objects.get().reason == ""
+
+
+def test_the_api_key_is_stored_nowhere_in_the_audit_trail(make_order, simulator):
+    orders = [make_order(), make_order(remote=RemoteState.PAID), make_order(remote=None)]
+    simulator.inject(Fault.BAD_SIGNATURE, out_trade_no=orders[0].out_trade_no)
+    for order in orders:
+        close_order(order)
+    for row in CloseAttempt.objects.values():
+        assert API_KEY not in " ".join(str(value) for value in row.values())
+
+
+def test_a_failing_signal_receiver_does_not_undo_the_close(make_order):
+    def broken_receiver(**kwargs: Any) -> None:
+        raise RuntimeError("the shop's receiver has a bug")
+
+    signals.order_closed.connect(broken_receiver, sender=Order, weak=False)
+    try:
+        order = make_order()
+        assert close_order(order).action is CloseAction.CLOSED
+    finally:
+        signals.order_closed.disconnect(broken_receiver, sender=Order)
+    order.refresh_from_db()
+    assert order.state == OrderState.CLOSED
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+
+
+def test_the_sweep_closes_only_orders_that_are_due(make_order, simulator):
+    due = [make_order() for _ in range(3)]
+    make_order(expired_for=-timedelta(minutes=5))  # deadline still ahead
+    make_order(age=timedelta(minutes=2), expired_for=timedelta(minutes=1))  # too young
+    make_order(on_hold=True)
+    make_order(next_attempt_at=timezone.now() + timedelta(minutes=5))
+    make_order(state=OrderState.PAID)
+
+    report = sweep_expired_orders()
+
+    assert report.by_action == {CloseAction.CLOSED: 3}
+    assert {r.out_trade_no for r in simulator.requests} == {o.out_trade_no for o in due}
+
+
+def test_the_sweep_honours_limit_merchant_and_older_than(make_order, simulator):
+    for _ in range(3):
+        make_order()
+    old = make_order(expired_for=timedelta(hours=3))
+    other = make_order(merchant="other")
+
+    assert sweep_expired_orders(older_than=timedelta(hours=2)).total == 1
+    assert sweep_expired_orders(merchants=["other"]).total == 1
+    assert sweep_expired_orders(limit=2).total == 2
+    assert {old.out_trade_no, other.out_trade_no} <= {r.out_trade_no for r in simulator.requests}
+
+
+def test_a_dry_run_lists_due_orders_and_sends_nothing(make_order, simulator):
+    for _ in range(4):
+        make_order()
+    report = sweep_expired_orders(dry_run=True)
+    assert report.total == 4 and simulator.requests == []
+    assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
+
+
+def test_a_configuration_error_halts_only_that_merchant_for_the_run(make_order, wxpay_settings, simulator):
+    wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4
+    good = [make_order() for _ in range(3)]
+    bad = [make_order(merchant="other") for _ in range(3)]
+
+    report = sweep_expired_orders(workers=1)
+
+    assert report.by_merchant[("default", CloseAction.CLOSED)] == 3
+    assert report.by_merchant[("other", CloseAction.CONFIGURATION_ERROR)] == 1
+    assert sum(1 for r in simulator.requests if r.mch_id == bad[0].mch_id) == 1
+    assert "other" in report.halted_merchants and report.has_alarms
+    assert all(o.state == OrderState.OPEN for o in Order.objects.filter(merchant="other"))
+    assert all(Order.objects.get(pk=o.pk).state == OrderState.CLOSED for o in good)
+
+
+def test_the_sweep_sends_each_order_exactly_once_with_many_workers(make_order, simulator):
+    orders = [make_order() for _ in range(60)]
+    report = sweep_expired_orders(workers=8, batch_size=7)
+    assert report.by_action == {CloseAction.CLOSED: 60}
+    assert all(simulator.close_requests_for(o.out_trade_no) == 1 for o in orders)
+    assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 60
+
+
+# -- the host shop's entry points ---------------------------------------------------------------------
+
+
+def test_create_order_snapshots_the_merchant_ids_and_the_payment_window(wxpay_settings, transactional_db):
+    created = timezone.now() - timedelta(minutes=1)
+    order = create_order(out_trade_no="SHOP-1", amount=1999, currency="HKD", created_at=created)
+    assert (order.appid, order.mch_id, order.sub_mch_id) == ("wx2421b1c4370ec43b", MCH_ID, SUB_MCH_ID)
+    assert order.payment_deadline == created + timedelta(minutes=30)
+    assert order.state == OrderState.OPEN
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 33, "has space", "订单1", "a/b"])
+def test_create_order_refuses_an_invalid_out_trade_no(wxpay_settings, transactional_db, bad):
+    with pytest.raises(ValueError, match="out_trade_no"):
+        create_order(out_trade_no=bad)
+    assert not Order.objects.exists()
+
+
+def test_create_order_refuses_an_unknown_merchant(wxpay_settings, transactional_db):
+    with pytest.raises(ValueError, match="nowhere"):
+        create_order(out_trade_no="SHOP-2", merchant="nowhere")
+
+
+def test_a_recorded_payment_keeps_the_sweep_from_ever_closing_the_order(make_order, simulator, received):
+    order = make_order()
+    record_payment(order=order)
+    assert order.state == OrderState.PAID and order.paid_at is not None
+    assert record_payment(order=order).state == OrderState.PAID  # idempotent
+    assert sweep_expired_orders().total == 0 and simulator.requests == []
+    assert [name for name, _ in received] == ["order_paid_recorded"]
+
+
+def test_a_payment_cannot_be_recorded_for_a_closed_order(make_order):
+    order = make_order(state=OrderState.CLOSED)
+    with pytest.raises(InvalidTransition):
+        record_payment(order=order)
