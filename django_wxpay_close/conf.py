@@ -161,15 +161,17 @@ def _inspect_merchant(name: str, raw: Any, report: _Inspection) -> MerchantSetti
     if unknown:
         report.warning(2, f"{where} has unknown keys {', '.join(unknown)}; they are ignored.",
                        f"Known keys: {', '.join(sorted(_MERCHANT_KEYS))}.")
+    sign_type: SignType | None = None
     try:
         sign_type = SignType.parse(raw.get("SIGN_TYPE", SignType.HMAC_SHA256.value))
     except ValueError as exc:
         report.error(6, f"{where}['SIGN_TYPE']: {exc}.")
-        return None
     api_key = raw["API_KEY"]
-    if not isinstance(api_key, str) or len(api_key) != API_KEY_LENGTH or not api_key.isascii():
+    key_ok = isinstance(api_key, str) and len(api_key) == API_KEY_LENGTH and api_key.isascii()
+    if not key_ok:  # the message never echoes the key, not even a wrong one
         report.error(5, f"{where}['API_KEY'] must be the {API_KEY_LENGTH}-character API key.",
                      "Copy it from the merchant platform (API security); it is never shown here.")
+    if sign_type is None or not key_ok:
         return None
     try:
         merchant = Merchant(

@@ -110,9 +110,9 @@ class OrderCloseResult:
     @property
     def summary_key(self) -> str:
         """A short, low-cardinality reason for summaries: the err_code or outcome, else the reason."""
-        if self.outcome is not None and self.action not in (CloseAction.CLOSED, CloseAction.FOUND_PAID):
-            return self.reason.split(":", 1)[0] if self.reason else self.outcome.value
-        return self.reason
+        if self.reason:
+            return self.reason.split(":", 1)[0]
+        return self.outcome.value if self.outcome is not None else ""
 
 
 _MAX_SUMMARY_KEYS = 100

@@ -1,0 +1,108 @@
+"""`manage.py close_expired_orders`: flags, exit status and summary (output polish: test_command_output.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from django_wxpay_close.management.commands.close_expired_orders import parse_duration
+from django_wxpay_close.models import Order, OrderState
+from django_wxpay_close.testing import Fault
+from django_wxpay_close.testing import OrderState as RemoteState
+
+
+def run(*args: str, **options: Any) -> str:
+    out = StringIO()
+    call_command("close_expired_orders", *args, stdout=out, stderr=StringIO(), progress="none", **options)
+    return out.getvalue()
+
+
+def test_the_command_closes_expired_orders_and_exits_zero(make_order):
+    orders = [make_order() for _ in range(3)]
+    output = run()
+    assert "3 closed" in output
+    assert all(Order.objects.get(pk=o.pk).state == OrderState.CLOSED for o in orders)
+
+
+def test_dry_run_reports_what_is_due_and_sends_nothing(make_order, simulator):
+    make_order(), make_order()
+    assert "2 orders are due" in run("--dry-run")
+    assert simulator.requests == []
+
+
+def test_limit_caps_the_orders_closed_in_one_run(make_order, simulator):
+    for _ in range(5):
+        make_order()
+    run("--limit", "2", "--batch-size", "1", "--workers", "1")
+    assert len(simulator.requests) == 2
+
+
+def test_merchant_restricts_the_run_to_that_merchant(make_order, simulator):
+    make_order(), make_order(merchant="other")
+    run("--merchant", "other")
+    assert [r.mch_id for r in simulator.requests] == [Order.objects.get(merchant="other").mch_id]
+
+
+def test_older_than_only_takes_orders_expired_that_long_ago(make_order, simulator):
+    make_order(expired_for=timedelta(minutes=10))
+    old = make_order(expired_for=timedelta(hours=3))
+    run("--older-than", "2h")
+    assert [r.out_trade_no for r in simulator.requests] == [old.out_trade_no]
+
+
+def test_json_prints_a_machine_readable_summary(make_order, simulator):
+    make_order(), make_order(remote=RemoteState.PAID)
+    summary = json.loads(run("--json"))
+    assert summary["by_action"] == {"closed": 1, "found_paid": 1}
+    assert summary["ok"] is True and summary["by_merchant"]["default"]["closed"] == 1
+
+
+def test_retries_are_expected_and_exit_zero(make_order, simulator):
+    make_order()
+    simulator.inject(Fault.SYSTEMERROR)
+    assert "1 will be retried" in run()
+
+
+def test_a_configuration_error_exits_non_zero_for_cron_monitoring(make_order, wxpay_settings):
+    wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
+    make_order()
+    with pytest.raises(CommandError, match="configuration error"):
+        run()
+
+
+def test_an_untrusted_answer_exits_non_zero(make_order, simulator):
+    make_order()
+    simulator.inject(Fault.UNSIGNED)
+    with pytest.raises(CommandError, match="need attention"):
+        run()
+
+
+def test_no_fail_on_error_exits_zero_despite_problems(make_order, wxpay_settings):
+    wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
+    make_order()
+    assert "configuration error" in run("--no-fail-on-error")
+
+
+def test_broken_settings_are_a_clear_command_error_and_nothing_is_sent(make_order, wxpay_settings, simulator):
+    make_order()
+    wxpay_settings["MERCHANTS"]["default"]["SIGN_TYPE"] = "SHA1"
+    with pytest.raises(CommandError, match="unknown sign type 'SHA1'"):
+        run()
+    assert simulator.requests == []
+
+
+@pytest.mark.parametrize("text, expected", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])
+def test_durations_take_seconds_minutes_hours_and_days(text, expected):
+    assert parse_duration(text) == timedelta(seconds=expected)
+
+
+@pytest.mark.parametrize("text", ["", "10", "5 minutes", "-1h", "h"])
+def test_malformed_durations_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
