@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,3 +88,58 @@ def make_order(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, tr
 @pytest.fixture
 def on_postgres() -> bool:
     return connection.vendor == "postgresql"
+
+
+# -- helpers for the reliability tests (tests/test_concurrency.py, test_crash_safety.py, ...) ------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def close_settings_as_json(wxpay: Mapping[str, Any]) -> str:
+    """WXPAY_CLOSE for tests/subprocess_settings.py: durations become seconds (conf.py accepts numbers)."""
+    return json.dumps({key: value.total_seconds() if isinstance(value, timedelta) else value
+                       for key, value in wxpay.items()})
+
+
+@pytest.fixture
+def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts real `manage.py close_expired_orders --json` processes on this test's database and simulator.
+
+    They read WXPAY_CLOSE as it is when started; any still running when the test ends are killed.
+    """
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.subprocess_settings",
+            "WXPAY_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+            "WXPAY_TEST_CLOSE": close_settings_as_json(wxpay_settings),
+        }
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "close_expired_orders", "--json", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+@pytest.fixture
+def reliability_figures(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Prints one `RELIABILITY-FIGURES {json}` line (see with -s) and appends it to $WXPAY_RELIABILITY_FIGURES."""
+
+    def record(**figures: Any) -> None:
+        line = json.dumps({"test": request.node.name, "database": connection.vendor, **figures}, sort_keys=True)
+        print(f"\nRELIABILITY-FIGURES {line}")
+        path = os.environ.get("WXPAY_RELIABILITY_FIGURES")
+        if path:
+            with open(path, "a", encoding="utf-8") as stream:
+                stream.write(line + "\n")
+
+    return record
