@@ -28,7 +28,6 @@ from typing import Any
 
 from django.db import connections, transaction
 from django.db.models import Case, F, Value, When
-from django.db.utils import DatabaseError
 from django.utils import timezone
 
 from . import signals
@@ -69,6 +68,10 @@ class CloseAction(str, Enum):
     def label(self) -> str:
         return _ACTION_LABELS[self]
 
+    def counted(self, count: int) -> str:
+        """'1 was already paid', '2 were already paid': the label with its count, grammatical."""
+        return f"{count} {_ACTION_SINGULAR.get(self, self.label) if count == 1 else self.label}"
+
     @property
     def is_alarm(self) -> bool:
         """Something cron monitoring should hear about (non-zero exit status)."""
@@ -85,6 +88,13 @@ _ACTION_LABELS = {
     CloseAction.CONFIGURATION_ERROR: "hit a configuration error",
     CloseAction.SKIPPED: "were skipped",
     CloseAction.FAILED: "failed unexpectedly",
+}
+_ACTION_SINGULAR = {
+    CloseAction.ALREADY_CLOSED: "was already closed",
+    CloseAction.FOUND_PAID: "was already paid",
+    CloseAction.MARKED_UNKNOWN: "was never known to WeChat",
+    CloseAction.PUT_ON_HOLD: "needs attention",
+    CloseAction.SKIPPED: "was skipped",
 }
 
 
@@ -149,7 +159,7 @@ class CloseReport:
         return any(action.is_alarm for action in self.by_action)
 
     def sentence(self) -> str:
-        """'3 closed, 1 were already paid, 1 will be retried (SYSTEMERROR)' — for people."""
+        """'3 closed, 1 was already paid, 1 will be retried (SYSTEMERROR)' — for people."""
         parts = []
         for action in CloseAction:
             count = self.by_action.get(action, 0)
@@ -159,7 +169,7 @@ class CloseReport:
                 (reason for (reason_action, reason) in self.by_reason if reason_action is action and reason),
             )
             detail = f" ({'; '.join(reasons[:5])})" if reasons and action not in (CloseAction.CLOSED,) else ""
-            parts.append(f"{count} {action.label}{detail}")
+            parts.append(f"{action.counted(count)}{detail}")
         return ", ".join(parts) or "nothing to do"
 
 
@@ -467,7 +477,7 @@ def _guarded(handle: Callable[[Order], OrderCloseResult], order: Order) -> Order
     """Isolate one order's unexpected failure: log it, report it, keep going with the others."""
     try:
         return handle(order)
-    except (DatabaseError, InvalidTransition, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others (or kill a worker)
         logger.exception(
             "Closing order %s failed unexpectedly", order.out_trade_no,
             extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant},

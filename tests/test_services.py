@@ -356,3 +356,20 @@ def test_a_payment_cannot_be_recorded_for_a_closed_order(make_order):
     order = make_order(state=OrderState.CLOSED)
     with pytest.raises(InvalidTransition):
         record_payment(order=order)
+
+
+def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close(make_order, monkeypatch):
+    from django_wxpay_close import services
+
+    orders = [make_order() for _ in range(4)]
+    broken = orders[1].out_trade_no
+    original = services._CloseRun.close_claimed
+
+    def close_claimed(run: Any, order: Order) -> Any:
+        if order.out_trade_no == broken:
+            raise TypeError("a bug in our code")
+        return original(run, order)
+
+    monkeypatch.setattr(services._CloseRun, "close_claimed", close_claimed)
+    report = sweep_expired_orders(workers=2)
+    assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
