@@ -1,0 +1,92 @@
+"""Run the WeChat Pay simulator in the foreground: `python -m django_wxpay_close.testing [--port 8765] ...`.
+
+With no --merchant it knows the demo merchant (appid wx2421b1c4370ec43b, mch_id 10000100, sub_mch_id 20000200,
+key TESTKEY0TESTKEY1TESTKEY2TESTKEY3). It creates one unpaid demo order and prints a ready-to-run, correctly
+signed `curl` command that closes it, so a hand-made request needs no signing code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from ..wechat import CLOSEORDER_PATH, CloseOrderClient, Merchant, SignType
+from .simulator import API_KEY, APPID, MCH_ID, SUB_MCH_ID, WeChatPaySimulator
+
+DEMO_OUT_TRADE_NO = "DEMO-ORDER-1"
+
+
+def _merchant(text: str) -> tuple[str, str]:
+    mch_id, separator, api_key = text.partition(":")
+    if not separator or not mch_id or len(api_key) != 32 or not api_key.isascii():
+        raise argparse.ArgumentTypeError("expected MCH_ID:API_KEY with a 32-character ASCII key")
+    return mch_id, api_key
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m django_wxpay_close.testing",
+        description="A loopback WeChat Pay Global closeorder server for demos and manual testing.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument(
+        "--merchant", type=_merchant, action="append", metavar="MCH_ID:API_KEY",
+        help=f"a merchant it accepts; repeatable (default: the demo merchant {MCH_ID})",
+    )
+    parser.add_argument(
+        "--unknown-orders", choices=("not_exist", "open"), default="not_exist",
+        help="answer for an order it does not know: ORDERNOTEXIST, or treat it as unpaid and close it",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    return parser
+
+
+def _demo_curl(simulator: WeChatPaySimulator, mch_id: str, api_key: str) -> str:
+    """A curl command whose body is exactly what CloseOrderClient would send for the demo order."""
+    merchant = Merchant(APPID, mch_id, SUB_MCH_ID, api_key, sign_type=SignType.HMAC_SHA256)
+    with CloseOrderClient(merchant, base_urls=[simulator.base_url]) as client:
+        prepared = client.prepare(DEMO_OUT_TRADE_NO)
+    return shlex.join([
+        "curl", "-sS", "-X", "POST", "-H", "Content-Type: text/xml", "--data-binary", prepared.body.decode("utf-8"),
+        simulator.base_url + CLOSEORDER_PATH,
+    ])
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    merchants = dict(args.merchant or [(MCH_ID, API_KEY)])
+    simulator = WeChatPaySimulator(
+        merchants, host=args.host, port=args.port, unknown_orders=args.unknown_orders, latency=args.latency
+    )
+    demo_mch_id, demo_key = next(iter(merchants.items()))
+    simulator.add_order(DEMO_OUT_TRADE_NO, mch_id=demo_mch_id, sub_mch_id=SUB_MCH_ID)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+    with simulator:
+        print(f"WeChat Pay simulator listening on {simulator.base_url}", flush=True)
+        print(f"Merchants: {', '.join(merchants)}; unknown orders: {args.unknown_orders}", flush=True)
+        print(
+            f"Demo order {DEMO_OUT_TRADE_NO} (mch_id {demo_mch_id}, sub_mch_id {SUB_MCH_ID}) is unpaid. "
+            "Close it (a second run answers ORDERCLOSED) with:",
+            flush=True,
+        )
+        print(_demo_curl(simulator, demo_mch_id, demo_key), flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("Stopping.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
