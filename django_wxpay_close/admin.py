@@ -5,6 +5,8 @@ Thin on purpose: it shows models and calls services; it never changes an order's
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import datetime
 from typing import Any
 from xml.parsers.expat import ExpatError
 
@@ -19,9 +21,10 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
-from .conf import load_settings
+from .conf import CloseSettings, load_settings
 from .models import CloseAttempt, Order, OrderState, Trigger
 from .selectors import orders_needing_attention, why_not_closable
 from .services import CloseAction, close_orders
@@ -45,6 +48,74 @@ def pretty_xml(text: str) -> str:
     except (ExpatError, DefusedXmlException, ValueError):
         return text
     return document.documentElement.toprettyxml(indent="  ").strip()
+
+
+def _when(moment: datetime | None) -> str:
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S %Z") if moment else "—"
+
+
+def _who(attempt: CloseAttempt) -> str:
+    return f"{Trigger(attempt.trigger).label} ({attempt.actor})" if attempt.actor else Trigger(attempt.trigger).label
+
+
+def _answer(attempt: CloseAttempt) -> str:
+    return attempt.err_code or attempt.result_code or (Outcome(attempt.outcome).label if attempt.outcome else "")
+
+
+def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: CloseSettings | None,
+                now: datetime) -> list[str]:
+    """Why the order is in its state and what happens next, in sentences an operator can act on.
+
+    Built only from the order's fields and its newest audit row, so it can never disagree with them.
+    """
+    if order.state == OrderState.CLOSED:
+        if last_attempt is not None and last_attempt.outcome == Outcome.ALREADY_CLOSED:
+            told = f"WeChat answered ORDERCLOSED (someone had closed it before) to the close sent at " \
+                   f"{_when(last_attempt.started_at)} by {_who(last_attempt)}."
+        elif last_attempt is not None:
+            told = f"WeChat answered {_answer(last_attempt)} to the close sent at {_when(last_attempt.started_at)} " \
+                   f"by {_who(last_attempt)}."
+        else:
+            told = "No close exchange is recorded for it."
+        return [f"Closed at {_when(order.closed_at)}.", told, "It can never be paid; nothing more will be sent."]
+    if order.state == OrderState.PAID:
+        if last_attempt is not None and last_attempt.outcome == Outcome.PAID:
+            how = f"WeChat answered ORDERPAID to the close sent at {_when(last_attempt.started_at)}: the payer paid."
+        else:
+            how = "The shop recorded the payment (payment notification or order query)."
+        return [f"Paid at {_when(order.paid_at)}.", how,
+                "closeorder is never sent for it; the shop must fulfil or refund it."]
+    if order.state == OrderState.UNKNOWN_TO_WECHAT:
+        return [f"WeChat answered ORDERNOTEXIST to every close until the retries ran out "
+                f"({order.attempt_count} attempts, the last at {_when(order.last_attempt_at)}).",
+                "It was never created at WeChat, so it can never be paid; nothing more will be sent."]
+
+    story: list[str] = []
+    last = f"{Outcome(order.last_outcome).label}: {order.last_error}" if order.last_outcome else ""
+    if order.claim_expires_at is not None and order.claim_expires_at >= now:
+        story.append(f"A close is in flight right now (claimed until {_when(order.claim_expires_at)}).")
+    if order.on_hold:
+        story += [f"On hold after the last answer ({last or 'none recorded'}).",
+                  "The sweep leaves it alone until a person acts: \"Close selected orders\" retries it and "
+                  "lifts the hold."]
+    elif order.last_outcome == Outcome.CONFIGURATION_ERROR:
+        story += [f"The last close hit a configuration error ({order.last_error}).",
+                  "Fix WXPAY_CLOSE (API key, sign type or merchant IDs); every order of this merchant fails the "
+                  f"same way. The sweep tries again from {_when(order.next_attempt_at)}."]
+    elif order.payment_deadline > now:
+        story.append(f"Awaiting payment: the payment window ends at {_when(order.payment_deadline)}; "
+                     "after that the sweep closes it.")
+    elif order.next_attempt_at is not None and order.next_attempt_at > now:
+        budget = f" of {settings.max_attempts}" if settings else ""
+        story.append(f"Overdue. Close attempt {order.retry_count}{budget} failed ({last}); "
+                     f"the sweep retries at {_when(order.next_attempt_at)}.")
+    else:
+        story.append(f"Overdue since {_when(order.payment_deadline)}: the next sweep sends closeorder"
+                     + (f" (last answer: {last})." if last else "."))
+    if settings is not None and order.created_at > now - settings.min_order_age:
+        story.append(f"It cannot be closed before {_when(order.created_at + settings.min_order_age)} "
+                     "(WeChat mishandles closing a just-created order).")
+    return story
 
 
 class OverdueFilter(admin.SimpleListFilter):
@@ -76,12 +147,21 @@ class NeedsAttentionFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _xml_details(attempt: CloseAttempt) -> SafeString:
+    response = pretty_xml(attempt.response_body) if attempt.response_body else "(no response body)"
+    return format_html(
+        '<details><summary>XML</summary><p>Request (exact bytes sent; the key is never part of it):</p>'
+        "<pre>{}</pre><p>Response:</p><pre>{}</pre></details>",
+        pretty_xml(attempt.request_xml), response,
+    )
+
+
 class CloseAttemptInline(admin.TabularInline):
     model = CloseAttempt
     verbose_name = "closeorder exchange"
     verbose_name_plural = "Audit trail (newest first)"
-    fields = ["started", "trigger", "actor", "outcome_badge", "err_code", "http_status", "signature_verified",
-              "duration_ms", "url"]
+    fields = ["started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
+              "duration_ms", "url", "xml"]
     readonly_fields = fields
     ordering = ["-started_at", "-id"]
     extra = 0
@@ -97,6 +177,14 @@ class CloseAttemptInline(admin.TabularInline):
     @admin.display(description="outcome")
     def outcome_badge(self, attempt: CloseAttempt) -> str:
         return outcome_badge(attempt)
+
+    @admin.display(description="answer")
+    def answer(self, attempt: CloseAttempt) -> str:
+        return attempt.reason or _answer(attempt) or "—"
+
+    @admin.display(description="request / response")
+    def xml(self, attempt: CloseAttempt) -> str:
+        return _xml_details(attempt)
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -117,16 +205,30 @@ def outcome_badge(attempt: CloseAttempt) -> str:
     return format_html('<strong style="color:{}">{}</strong>', colour, outcome.label)
 
 
+def _settings_or_none() -> CloseSettings | None:
+    try:
+        return load_settings()
+    except ImproperlyConfigured:
+        return None
+
+
+def _not_sent_summary(skipped: list[tuple[Order, str]]) -> str:
+    """'2 not sent: it is paid (1); younger than MIN_ORDER_AGE … (1)'."""
+    counts = Counter(reason for _, reason in skipped)
+    return f"{len(skipped)} not sent: " + "; ".join(f"{reason} ({count})" for reason, count in sorted(counts.items()))
+
+
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
     list_display = ["out_trade_no", "merchant", "state_badge", "overdue", "attempt_count", "last_outcome",
-                    "short_last_error", "payment_deadline", "created_at"]
-    list_filter = ["state", "merchant", OverdueFilter, NeedsAttentionFilter, "last_outcome"]
+                    "short_last_error", "next_attempt_at", "payment_deadline", "created_at"]
+    list_filter = ["state", "merchant", OverdueFilter, NeedsAttentionFilter, "last_outcome", "on_hold"]
     search_fields = ["=out_trade_no"]
     date_hierarchy = "created_at"
     actions = ["close_selected_orders"]
     inlines = [CloseAttemptInline]
     fieldsets = [
+        ("Why it is in this state", {"fields": ["story"]}),
         ("Order", {"fields": ["out_trade_no", "merchant", "appid", "mch_id", "sub_mch_id", "sub_appid", "amount",
                               "currency", "created_at", "payment_deadline"]}),
         ("State at WeChat", {"fields": ["state_badge", "state_changed_at", "closed_at", "paid_at", "on_hold"]}),
@@ -141,8 +243,20 @@ class OrderAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The order page is view-only (no Save buttons): the only change an operator makes is the close action,
+        # which needs the model-level change permission.
+        return obj is None and super().has_change_permission(request)
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(description="what happened and what happens next")
+    def story(self, order: Order) -> str:
+        last_attempt = order.close_attempts.order_by("-started_at", "-id").first()
+        sentences = order_story(order, last_attempt=last_attempt, settings=_settings_or_none(), now=timezone.now())
+        return format_html('<div class="wxpay-story">{}</div>',
+                           format_html_join("", "<p>{}</p>", ((sentence,) for sentence in sentences)))
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, order: Order) -> str:
@@ -167,6 +281,7 @@ class OrderAdmin(admin.ModelAdmin):
 
     @admin.action(description="Close selected orders", permissions=["change"])
     def close_selected_orders(self, request: HttpRequest, queryset: QuerySet[Order]) -> HttpResponse | None:
+        """Preview (what is sent, what is skipped and why), then close through the service on confirmation."""
         try:
             settings = load_settings()
         except ImproperlyConfigured as exc:
@@ -177,7 +292,8 @@ class OrderAdmin(admin.ModelAdmin):
             self.message_user(
                 request,
                 f"{selected} orders selected; at most {settings.admin_max_selection} can be closed at once "
-                "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Narrow the selection, or let close_expired_orders sweep them.",
+                "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
+                "close_expired_orders sweep them.",
                 messages.ERROR,
             )
             return None
@@ -185,27 +301,28 @@ class OrderAdmin(admin.ModelAdmin):
         orders = list(queryset.order_by("payment_deadline", "pk"))
         plan = [(order, why_not_closable(order, now=now, min_order_age=settings.min_order_age)) for order in orders]
         to_send = [order for order, blocker in plan if blocker is None]
+        skipped = [(order, blocker) for order, blocker in plan if blocker]
         if request.POST.get("confirm") != "yes":
             return TemplateResponse(request, "admin/django_wxpay_close/order/close_selected_confirmation.html", {
                 **self.admin_site.each_context(request),
                 "title": "Close these orders at WeChat Pay?",
                 "opts": self.model._meta,
                 "to_send": to_send,
-                "skipped": [(order, blocker) for order, blocker in plan if blocker],
+                "skipped": skipped,
                 "not_yet_expired": [order for order in to_send if order.payment_deadline > now],
                 "selected_ids": [order.pk for order in orders],
                 "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
                 "action": "close_selected_orders",
             })
         report = close_orders(to_send, trigger=Trigger.ADMIN, user=request.user)
-        skipped = len(plan) - len(to_send)
         summary = report.sentence() if to_send else "nothing was sent"
+        summary = summary[0].upper() + summary[1:] + "."
         if skipped:
-            summary += f"; {skipped} not sent ({'; '.join(sorted({b for _, b in plan if b}))})"
+            summary += f" {_not_sent_summary(skipped)}."
         level = messages.ERROR if report.has_alarms else (
             messages.WARNING if skipped or set(report.by_action) - {CloseAction.CLOSED, CloseAction.ALREADY_CLOSED}
             else messages.SUCCESS)
-        self.message_user(request, summary[0].upper() + summary[1:] + ".", level)
+        self.message_user(request, summary, level)
         return None
 
 
@@ -215,10 +332,9 @@ class CloseAttemptAdmin(admin.ModelAdmin):
 
     list_display = ["started_at", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
                     "http_status", "signature_verified", "duration_ms"]
-    list_filter = ["outcome", "err_code", "merchant", "trigger", "signature_verified"]
+    list_filter = ["outcome", "err_code", "merchant", "trigger", "signature_verified", "started_at"]
     search_fields = ["=out_trade_no"]
     date_hierarchy = "started_at"
-    list_select_related = ["order"]
     fields = ["order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
               "failed_over_from", "sign_type", "started_at", "completed_at", "duration_ms", "outcome_badge", "reason",
               "http_status", "return_code", "return_msg", "result_code", "err_code", "err_code_des",
@@ -236,6 +352,9 @@ class CloseAttemptAdmin(admin.ModelAdmin):
     @admin.display(description="response body")
     def response(self, attempt: CloseAttempt) -> str:
         return format_html("<pre>{}</pre>", pretty_xml(attempt.response_body)) if attempt.response_body else "—"
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        return {}  # not even "delete selected": the audit trail is append-only
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

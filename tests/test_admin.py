@@ -1,0 +1,319 @@
+"""The admin through Django's test client, logged in, against the loopback simulator."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
+from django_wxpay_close.services import close_order
+from django_wxpay_close.testing import API_KEY, Fault
+from django_wxpay_close.testing import OrderState as RemoteState
+from django_wxpay_close.wechat import Outcome
+
+CHANGELIST = "admin:django_wxpay_close_order_changelist"
+
+
+def post_action(client: Client, orders: list[Order], *, confirm: bool = False) -> Any:
+    data: dict[str, Any] = {"action": "close_selected_orders", ACTION_CHECKBOX_NAME: [order.pk for order in orders]}
+    if confirm:
+        data["confirm"] = "yes"
+    return client.post(reverse(CHANGELIST), data, follow=confirm)
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(message) for message in response.context["messages"]]
+
+
+def order_page(client: Client, order: Order) -> str:
+    response = client.get(reverse("admin:django_wxpay_close_order_change", args=[order.pk]))
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+@pytest.fixture
+def selection(make_order: Any, simulator: Any) -> dict[str, Order]:
+    """Five orders the action sends (one answered ORDERPAID, one SYSTEMERROR) and three it must skip."""
+    now = timezone.now()
+    orders = {
+        "closable": [make_order("OPEN-1"), make_order("OPEN-2"), make_order("OPEN-3")],
+        "paid_at_wechat": make_order("PAID-AT-WECHAT", remote=RemoteState.PAID),
+        "flaky": make_order("FLAKY"),
+        "too_young": make_order("TOO-YOUNG", age=timedelta(minutes=1), expired_for=timedelta(minutes=-29)),
+        "paid": make_order("PAID-HERE", state=OrderState.PAID, paid_at=now),
+        "closed": make_order("CLOSED-HERE", state=OrderState.CLOSED, closed_at=now),
+    }
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no="FLAKY")
+    return orders
+
+
+def everything(selection: dict[str, Any]) -> list[Order]:
+    return [*selection["closable"], *(order for key, order in selection.items() if key != "closable")]
+
+
+# -- the "Close selected orders" action -------------------------------------------------------------
+
+
+def test_the_confirmation_page_lists_what_will_be_sent_and_what_is_skipped_and_why(admin_client, selection, simulator):
+    response = post_action(admin_client, everything(selection))
+
+    assert response.status_code == 200
+    assert response.templates[0].name == "admin/django_wxpay_close/order/close_selected_confirmation.html"
+    assert [order.out_trade_no for order in response.context["to_send"]] == [
+        "OPEN-1", "OPEN-2", "OPEN-3", "PAID-AT-WECHAT", "FLAKY"]
+    skipped = {order.out_trade_no: reason for order, reason in response.context["skipped"]}
+    assert skipped == {
+        "TOO-YOUNG": "younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)",
+        "PAID-HERE": "it is paid",
+        "CLOSED-HERE": "it is closed",
+    }
+    page = response.content.decode()
+    assert "Will not be sent (3)" in page and "Yes, close 5 orders" in page
+    assert simulator.requests == [] and not CloseAttempt.objects.exists()
+
+
+def test_confirming_closes_through_the_simulator_and_reports_each_outcome(admin_client, admin_user, selection,
+                                                                           simulator):
+    response = post_action(admin_client, everything(selection), confirm=True)
+
+    assert messages_of(response) == [
+        "3 closed, 1 was already paid (ORDERPAID), 1 will be retried (SYSTEMERROR). 3 not sent: it is closed (1); "
+        "it is paid (1); younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order) (1)."
+    ]
+    states = dict(Order.objects.values_list("out_trade_no", "state"))
+    assert states == {
+        "OPEN-1": OrderState.CLOSED, "OPEN-2": OrderState.CLOSED, "OPEN-3": OrderState.CLOSED,
+        "PAID-AT-WECHAT": OrderState.PAID, "FLAKY": OrderState.OPEN, "TOO-YOUNG": OrderState.OPEN,
+        "PAID-HERE": OrderState.PAID, "CLOSED-HERE": OrderState.CLOSED,
+    }
+    audited = sorted(CloseAttempt.objects.values_list("out_trade_no", "outcome", "trigger", "actor"))
+    assert audited == sorted([
+        ("OPEN-1", Outcome.CLOSED, Trigger.ADMIN, "admin"), ("OPEN-2", Outcome.CLOSED, Trigger.ADMIN, "admin"),
+        ("OPEN-3", Outcome.CLOSED, Trigger.ADMIN, "admin"), ("PAID-AT-WECHAT", Outcome.PAID, Trigger.ADMIN, "admin"),
+        ("FLAKY", Outcome.RETRYABLE_ERROR, Trigger.ADMIN, "admin"),
+    ])
+    assert len(simulator.requests) == 5
+
+
+def test_an_all_closed_selection_reports_success(admin_client, make_order):
+    response = post_action(admin_client, [make_order(), make_order()], confirm=True)
+
+    [message] = response.context["messages"]
+    assert (str(message), message.level_tag) == ("2 closed.", "success")
+
+
+def test_a_selection_with_nothing_closable_offers_no_confirm_button(admin_client, make_order):
+    response = post_action(admin_client, [make_order(state=OrderState.CLOSED, closed_at=timezone.now())])
+
+    page = response.content.decode()
+    assert "nothing will be sent" in page and "Yes, close" not in page
+
+
+def test_a_selection_over_admin_max_selection_is_refused_and_nothing_is_sent(admin_client, make_order,
+                                                                             wxpay_settings, simulator):
+    wxpay_settings["ADMIN_MAX_SELECTION"] = 2
+    orders = [make_order() for _ in range(3)]
+
+    for confirm in (False, True):
+        response = post_action(admin_client, orders, confirm=confirm)
+        response = response if confirm else admin_client.get(reverse(CHANGELIST))
+        assert messages_of(response) == [
+            "3 orders selected; at most 2 can be closed at once (WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was "
+            "sent. Narrow the selection, or let close_expired_orders sweep them."
+        ]
+    assert simulator.requests == []
+    assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
+
+
+def test_the_action_keeps_its_audit_rows_under_atomic_requests(admin_client, make_order, monkeypatch):
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    order = make_order()
+
+    response = post_action(admin_client, [order], confirm=True)
+
+    assert messages_of(response) == ["1 closed."]
+    assert order.close_attempts.get().outcome == Outcome.CLOSED
+
+
+@pytest.fixture
+def viewer(transactional_db: None) -> Client:
+    """A staff member who may look at orders and the audit trail but change nothing."""
+    user = User.objects.create_user("viewer", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=["view_order", "view_closeattempt"]))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_a_user_without_change_permission_is_not_offered_the_action(viewer, make_order):
+    make_order()
+    response = viewer.get(reverse(CHANGELIST))
+
+    assert response.status_code == 200
+    assert response.context["action_form"] is None  # no action at all is offered
+    assert "Close selected orders" not in response.content.decode()
+
+
+def test_a_user_without_change_permission_cannot_run_the_action_by_posting_it(viewer, make_order, simulator):
+    order = make_order()
+
+    post_action(viewer, [order], confirm=True)
+
+    order.refresh_from_db()
+    assert order.state == OrderState.OPEN and simulator.requests == []
+
+
+# -- the audit trail is read-only -----------------------------------------------------------------
+
+
+@pytest.fixture
+def attempt(make_order: Any) -> CloseAttempt:
+    order = make_order()
+    close_order(order)
+    return order.close_attempts.get()
+
+
+def test_nobody_can_add_a_close_attempt(admin_client, attempt):
+    assert admin_client.get(reverse("admin:django_wxpay_close_closeattempt_add")).status_code == 403
+    assert admin_client.post(reverse("admin:django_wxpay_close_closeattempt_add"), {}).status_code == 403
+
+
+def test_nobody_can_edit_a_close_attempt(admin_client, attempt):
+    url = reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk])
+    page = admin_client.get(url).content.decode()
+
+    assert admin_client.post(url, {"reason": "edited"}).status_code == 403
+    assert 'name="_save"' not in page and "deletelink" not in page
+    attempt.refresh_from_db()
+    assert attempt.reason != "edited"
+
+
+def test_nobody_can_delete_a_close_attempt(admin_client, attempt):
+    url = reverse("admin:django_wxpay_close_closeattempt_delete", args=[attempt.pk])
+    changelist = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_changelist"))
+
+    assert admin_client.post(url, {"post": "yes"}).status_code == 403
+    assert changelist.context["action_form"] is None
+    assert CloseAttempt.objects.filter(pk=attempt.pk).exists()
+
+
+def test_the_audit_list_filters_by_outcome_err_code_merchant_and_date(admin_client, make_order, simulator):
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no="FLAKY")
+    for order in (make_order("FLAKY"), make_order("OK"), make_order("OTHER", merchant="other")):
+        close_order(order)
+    url = reverse("admin:django_wxpay_close_closeattempt_changelist")
+    today = timezone.localdate()
+
+    def listed(query: str) -> list[str]:
+        return sorted(a.out_trade_no for a in admin_client.get(f"{url}?{query}").context["cl"].result_list)
+
+    assert listed("err_code=SYSTEMERROR") == ["FLAKY"]
+    assert listed(f"outcome={Outcome.CLOSED.value}") == ["OK", "OTHER"]
+    assert listed("merchant=other") == ["OTHER"]
+    assert listed(f"started_at__year={today.year}&started_at__month={today.month}&started_at__day={today.day}") == [
+        "FLAKY", "OK", "OTHER"]
+    assert listed(f"started_at__year={today.year - 1}") == []
+
+
+# -- the order list and page ----------------------------------------------------------------------
+
+
+def test_the_order_list_filters_overdue_and_needs_attention(admin_client, make_order):
+    make_order("OVERDUE")
+    make_order("WAITING", expired_for=timedelta(minutes=-20))
+    make_order("HELD", on_hold=True, last_outcome=Outcome.UNTRUSTED_RESPONSE)
+    url = reverse(CHANGELIST)
+
+    def listed(query: str) -> list[str]:
+        return sorted(o.out_trade_no for o in admin_client.get(f"{url}?{query}").context["cl"].result_list)
+
+    assert listed("overdue=yes") == ["HELD", "OVERDUE"]
+    assert listed("overdue=no") == ["WAITING"]
+    assert listed("attention=yes") == ["HELD"]
+    assert listed("q=WAITING") == ["WAITING"]
+
+
+def test_the_order_page_shows_the_audit_trail_newest_first_and_never_the_api_key(admin_client, make_order,
+                                                                                  simulator):
+    order = make_order("TWICE")
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no="TWICE")
+    close_order(order)
+    order.refresh_from_db()
+    close_order(order)
+    first, second = order.close_attempts.order_by("started_at", "id")
+
+    page = order_page(admin_client, order)
+
+    assert "Audit trail (newest first)" in page
+    newest, oldest = (page.index(f"/closeattempt/{attempt.pk}/change/") for attempt in (second, first))
+    assert newest < oldest
+    assert "&lt;out_trade_no&gt;TWICE&lt;/out_trade_no&gt;" in page  # the request XML, escaped and pretty-printed
+    assert API_KEY not in page
+
+
+def test_the_order_page_is_view_only(admin_client, make_order):
+    order = make_order()
+    url = reverse("admin:django_wxpay_close_order_change", args=[order.pk])
+
+    assert 'name="_save"' not in order_page(admin_client, order)
+    assert admin_client.post(url, {"state": OrderState.CLOSED}).status_code == 403
+    order.refresh_from_db()
+    assert order.state == OrderState.OPEN
+
+
+def test_the_order_page_says_who_closed_it_and_when(admin_client, admin_user, make_order):
+    order = make_order()
+    close_order(order, trigger=Trigger.ADMIN, user=admin_user)
+
+    page = order_page(admin_client, order)
+
+    assert "Closed at " in page and "WeChat answered SUCCESS to the close sent at" in page
+    assert "by Admin action (admin)" in page and "It can never be paid" in page
+
+
+def test_the_order_page_says_when_a_failed_close_is_retried(admin_client, make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR)
+    close_order(order)
+    order.refresh_from_db()
+
+    page = order_page(admin_client, order)
+
+    assert "Overdue. Close attempt 1 of 3 failed (retryable error: SYSTEMERROR" in page
+    assert "the sweep retries at " + timezone.localtime(order.next_attempt_at).strftime("%Y-%m-%d %H:%M:%S") in page
+
+
+def test_the_order_page_gives_the_hold_reason(admin_client, make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.BAD_SIGNATURE)
+    close_order(order)
+
+    page = order_page(admin_client, order)
+
+    assert "On hold after the last answer (untrusted response:" in page
+    assert "The sweep leaves it alone until a person acts" in page
+
+
+def test_the_order_page_says_a_paid_order_must_be_fulfilled(admin_client, make_order):
+    order = make_order(remote=RemoteState.PAID)
+    close_order(order)
+
+    page = order_page(admin_client, order)
+
+    assert "WeChat answered ORDERPAID to the close sent at" in page and "fulfil or refund" in page
+
+
+def test_the_order_page_says_when_a_young_order_can_first_be_closed(admin_client, make_order):
+    order = make_order(age=timedelta(minutes=1), expired_for=timedelta(minutes=-29))
+
+    page = order_page(admin_client, order)
+
+    assert "Awaiting payment: the payment window ends at" in page and "It cannot be closed before" in page
