@@ -178,9 +178,9 @@ class CloseOrderClient:
         self.deadline = connect_timeout + read_timeout  # per URL, body download included
         self.max_response_bytes = max_response_bytes
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1), max_retries=0)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
+        self._adapter = HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1), max_retries=0)
+        self.session.mount("https://", self._adapter)
+        self.session.mount("http://", self._adapter)
         self.session.headers.update(
             {"User-Agent": user_agent or _default_user_agent(), "Content-Type": "text/xml; charset=utf-8"}
         )
@@ -189,6 +189,10 @@ class CloseOrderClient:
             resolved = self.session.merge_environment_settings(url, {}, None, None, None)
             self._send_options[url] = {key: resolved[key] for key in ("proxies", "verify", "cert")}
         self.session.trust_env = False
+        # Each call copies a request prepared here (URL parsed, session headers merged) and hands it straight
+        # to the adapter: Session.request would redo all of that, and the cookie and redirect handling around
+        # adapter.send, per call (docs/performance.md measures what that costs).
+        self._templates = {url: self.session.prepare_request(requests.Request("POST", url)) for url in self.urls}
 
     def close(self) -> None:
         self.session.close()
@@ -254,9 +258,9 @@ class CloseOrderClient:
 
     def _post(self, url: str, body: bytes) -> _Answer:
         started = time.monotonic()
-        with self.session.post(
-            url, data=body, timeout=self.timeout, stream=True, allow_redirects=False, **self._send_options[url]
-        ) as response:
+        request = self._templates[url].copy()
+        request.prepare_body(body, None)
+        with self._adapter.send(request, stream=True, timeout=self.timeout, **self._send_options[url]) as response:
             received = bytearray()
             for chunk in response.iter_content(8192):
                 received += chunk
