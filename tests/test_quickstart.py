@@ -11,7 +11,6 @@ from django_wxpay_close.models import CloseAttempt, Order, OrderState
 
 
 def test_the_demo_closes_expired_orders_and_audits_every_request(transactional_db, settings):
-    settings.INSTALLED_APPS = [*settings.INSTALLED_APPS, "example_project.demo"]
     out = StringIO()
     with override_settings(WXPAY_CLOSE={**settings.WXPAY_CLOSE, "READ_TIMEOUT": 2.0, "CONNECT_TIMEOUT": 1.0}):
         call_command("wxpay_demo", "--latency", "0", stdout=out, stderr=StringIO())
