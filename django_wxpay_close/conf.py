@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .wechat import CloseOrderClient, InvalidRequestField, Merchant, SignType
+from .wechat import InvalidRequestField, Merchant, SignType
 from .wechat.client import API_KEY_LENGTH
 
 __all__ = ["DEFAULTS", "MerchantSettings", "CloseSettings", "SettingProblem", "inspect_settings", "load_settings"]
@@ -81,16 +81,6 @@ class CloseSettings:
     def longest_exchange(self) -> timedelta:
         """The most one close can take: every region tried, each up to connect + read time."""
         return timedelta(seconds=len(self.base_urls) * (self.connect_timeout + self.read_timeout))
-
-    def build_client(self, merchant_name: str, *, pool_size: int | None = None) -> CloseOrderClient:
-        return CloseOrderClient(
-            self.merchants[merchant_name].merchant,
-            base_urls=self.base_urls,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            max_response_bytes=self.max_response_bytes,
-            pool_size=pool_size or self.workers,
-        )
 
     def retry_delay(self, retry_number: int) -> timedelta:
         """Exponential backoff: RETRY_BACKOFF, doubled per retry, capped at RETRY_BACKOFF_MAX."""
