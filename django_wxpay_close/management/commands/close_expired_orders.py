@@ -6,7 +6,7 @@ import json
 import re
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -85,13 +85,24 @@ class Command(BaseCommand):
         self.stdout.write(f"Swept {report.total} orders in {elapsed:.1f}s: {report.sentence()}")
         if not actions:
             return
-        width = max(len(a.value) for a in actions)
-        header = "outcome".ljust(width) + "".join(f"  {m:>12}" for m in merchants) + f"  {'total':>8}"
-        self.stdout.write(header)
+        # One row per outcome, one column per merchant, totals last: readable in a terminal and in a cron mail.
+        first = max(len("outcome"), *(len(a.value) for a in actions))
+        widths = [max(len(m), 5) for m in merchants]
+
+        def cells(label: str, values: list[Any], total: Any) -> str:
+            return label.ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(values, widths)) + f"  {total:>7}"
+
+        self.stdout.write(self.style.MIGRATE_HEADING(cells("outcome", merchants, "total")))
         for action in actions:
-            row = action.value.ljust(width) + "".join(f"  {report.by_merchant[(m, action)]:>12}" for m in merchants)
-            line = row + f"  {report.by_action[action]:>8}"
+            line = cells(action.value, [report.by_merchant[(m, action)] for m in merchants], report.by_action[action])
             self.stdout.write(self.style.ERROR(line) if action.is_alarm else line)
+        totals = [sum(report.by_merchant[(m, a)] for a in actions) for m in merchants]
+        self.stdout.write(cells("total", totals, report.total))
+        reasons = [(a, r, n) for (a, r), n in report.by_reason.most_common() if r and a is not CloseAction.CLOSED]
+        if reasons:
+            self.stdout.write("Not closed, and why:")
+            for action, reason, count in reasons:
+                self.stdout.write(f"  {count:>6}  {action.value:<{first}}  {reason}")
         for merchant, reason in sorted(report.halted_merchants.items()):
             self.stderr.write(self.style.ERROR(f"Merchant {merchant!r} halted for this run: {reason}"))
 
@@ -154,6 +165,8 @@ class _Progress:
 
     def _log_line(self) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        # Cron logs often carry no timestamps of their own.
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.command.stdout.write(
-            f"progress: {self.done} orders handled, {self.closed} closed, {self.done / elapsed:.1f}/s"
+            f"{stamp} progress: {self.done} orders handled, {self.closed} closed, {self.done / elapsed:.1f}/s"
         )
