@@ -147,12 +147,15 @@ class NeedsAttentionFilter(admin.SimpleListFilter):
         return queryset
 
 
+_WRAP = SafeString(' style="margin:0;font-size:11px"')
+
+
 def _xml_details(attempt: CloseAttempt) -> SafeString:
     response = pretty_xml(attempt.response_body) if attempt.response_body else "(no response body)"
     return format_html(
         '<details><summary>XML</summary><p>Request (exact bytes sent; the key is never part of it):</p>'
-        "<pre>{}</pre><p>Response:</p><pre>{}</pre></details>",
-        pretty_xml(attempt.request_xml), response,
+        "<pre{}>{}</pre><p>Response:</p><pre{}>{}</pre></details>",
+        _WRAP, pretty_xml(attempt.request_xml), _WRAP, response,
     )
 
 
@@ -161,7 +164,7 @@ class CloseAttemptInline(admin.TabularInline):
     verbose_name = "closeorder exchange"
     verbose_name_plural = "Audit trail (newest first)"
     fields = ["started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
-              "duration_ms", "url", "xml"]
+              "duration_ms", "xml"]  # the URL, failover and raw fields are on the attempt's own page
     readonly_fields = fields
     ordering = ["-started_at", "-id"]
     extra = 0
@@ -229,16 +232,17 @@ class OrderAdmin(admin.ModelAdmin):
     inlines = [CloseAttemptInline]
     fieldsets = [
         ("Why it is in this state", {"fields": ["story"]}),
-        ("Order", {"fields": ["out_trade_no", "merchant", "appid", "mch_id", "sub_mch_id", "sub_appid", "amount",
-                              "currency", "created_at", "payment_deadline"]}),
-        ("State at WeChat", {"fields": ["state_badge", "state_changed_at", "closed_at", "paid_at", "on_hold"]}),
-        ("Closing", {"fields": ["attempt_count", "retry_count", "last_attempt_at", "next_attempt_at",
-                                "last_outcome", "last_error", "claim_expires_at"]}),
+        ("Order", {"fields": [("out_trade_no", "merchant"), ("appid", "mch_id", "sub_mch_id", "sub_appid"),
+                              ("amount", "currency"), ("created_at", "payment_deadline")]}),
+        ("State at WeChat", {"fields": [("state_badge", "state_changed_at"), ("closed_at", "paid_at"), "on_hold"]}),
+        ("Closing", {"fields": [("attempt_count", "retry_count"), ("last_attempt_at", "next_attempt_at"),
+                                ("last_outcome", "last_error"), "claim_expires_at"]}),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         # Only services change an order; the admin shows it and offers the close action.
-        return [name for fieldset in self.fieldsets for name in fieldset[1]["fields"]]
+        return [name for _, options in self.fieldsets for line in options["fields"]
+                for name in ((line,) if isinstance(line, str) else line)]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
