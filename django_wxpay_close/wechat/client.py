@@ -262,12 +262,10 @@ class CloseOrderClient:
         request.prepare_body(body, None)
         with self._adapter.send(request, stream=True, timeout=self.timeout, **self._send_options[url]) as response:
             received = bytearray()
-            for chunk in response.iter_content(8192):
+            while chunk := _read_some(response, self.deadline - (time.monotonic() - started), self.timeout[1]):
                 received += chunk
                 if len(received) > self.max_response_bytes:
                     raise _BodyTooLarge
-                if time.monotonic() - started > self.deadline:
-                    raise TimeoutError(f"response not complete within {self.deadline:g}s")
             return _Answer(status=response.status_code, body=bytes(received))
 
     def _interpret(
@@ -325,6 +323,30 @@ class CloseOrderClient:
             elapsed=time.perf_counter() - started,
             failed_over_from=failed_over_from,
         )
+
+
+def _read_some(response: requests.Response, remaining: float, read_timeout: float) -> bytes:
+    """What has arrived of the body (one read from the socket, at most 8 KiB; b"" at its end), never past the deadline.
+
+    Not iter_content(8192): it waits until 8192 bytes have come, so a body trickled in a byte at a time would
+    hold the request (and outlive its claim) far beyond connect + read timeout. urllib3's errors are raised as
+    requests' own, as iter_content would.
+    """
+    if remaining <= 0:
+        raise TimeoutError(f"response not complete within the {read_timeout:g}s read timeout plus connect time")
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(min(read_timeout, remaining))
+    try:
+        return response.raw.read1(8192)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(exc) from exc
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
 
 
 def _describe(exc: requests.RequestException) -> str:
