@@ -147,7 +147,7 @@ class _Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(unit="order", desc="closing", file=stream._out, dynamic_ncols=True)
+            self.bar = tqdm(unit=" orders", desc="closing", file=stream._out, dynamic_ncols=True)
 
     def update(self, result: OrderCloseResult) -> None:
         with self.lock:
