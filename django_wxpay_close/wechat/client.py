@@ -338,7 +338,7 @@ def _read_some(response: requests.Response, remaining: float, read_timeout: floa
     if sock is not None:
         sock.settimeout(min(read_timeout, remaining))
     try:
-        return response.raw.read1(8192)
+        return getattr(response.raw, "read1", response.raw.read)(8192)  # urllib3 < 2.3: no read1, the old wait
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise requests.exceptions.ReadTimeout(exc) from exc
     except urllib3.exceptions.DecodeError as exc:
