@@ -3,7 +3,7 @@
 For each: the order's state, its retry schedule (retry_count, next_attempt_at), the audit row and the
 command's exit status are what PROTOCOL.md says. Exit status: non-zero (CommandError) only for an alarm —
 a configuration error, an order put on hold, an unexpected failure; a scheduled retry is routine (0).
-The service-level cases already in tests/test_services.py are not repeated here.
+Where tests/test_services.py does not already cover a fault, it also goes through `close_order()`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from django.core.management.base import CommandError
 
 from django_wxpay_close.conf import load_settings
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
+from django_wxpay_close.services import CloseAction, close_order
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import CLOSEORDER_PATH, Outcome
@@ -154,12 +155,15 @@ def test_an_answer_that_says_nothing_leaves_the_order_open_for_a_retry(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator, fault: Fault, outcome: Outcome,
     http_status: int | None, reason: str,
 ) -> None:
-    order = make_order()
-    simulator.inject(fault, out_trade_no=order.out_trade_no)
+    order, by_service = make_order(), make_order()
+    for faulty in (order, by_service):
+        simulator.inject(fault, out_trade_no=faulty.out_trade_no)
 
-    run = run_sweep()
+    assert close_order(by_service).action is CloseAction.RETRY_SCHEDULED
+    run = run_sweep()  # by_service is not due again yet: only `order` is sent
 
     assert run.exit_status == 0 and run.summary["by_action"] == {"retry_scheduled": 1}
+    assert_retry_scheduled(by_service, retries=1, outcome=outcome)
     assert_retry_scheduled(order, retries=1, outcome=outcome)
     attempt = last_attempt(order)
     assert attempt.is_finished and attempt.outcome == outcome and attempt.http_status == http_status
@@ -265,12 +269,15 @@ def test_a_signerror_halts_only_its_merchant_while_the_other_merchants_orders_cl
 def test_a_success_body_that_is_not_correctly_signed_changes_nothing_and_fails_the_command(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator, fault: Fault,
 ) -> None:
-    order = make_order()
-    simulator.inject(fault, out_trade_no=order.out_trade_no)
+    order, by_service = make_order(), make_order()
+    for faulty in (order, by_service):
+        simulator.inject(fault, out_trade_no=faulty.out_trade_no)
 
+    assert close_order(by_service).action is CloseAction.PUT_ON_HOLD
     run = run_sweep()
 
-    assert run.exit_status == 1 and "need attention" in run.error
+    assert run.exit_status == 1 and "need attention" in run.error and run.summary["by_action"] == {"on_hold": 1}
+    assert refreshed(by_service).on_hold and refreshed(by_service).state == OrderState.OPEN
     order = refreshed(order)
     assert order.state == OrderState.OPEN and order.on_hold and order.closed_at is None
     assert order.retry_count == 0 and order.next_attempt_at is None
