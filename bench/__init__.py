@@ -1,0 +1,1 @@
+"""Benchmarks for django-wxpay-close: `python -m bench` (see docs/performance.md)."""

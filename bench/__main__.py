@@ -1,0 +1,73 @@
+"""`python -m bench [--quick]`: every figure in docs/performance.md, printed as tables and written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import machine, plot, report, runner, sections
+from .plan import FULL, QUICK
+from .settings import SQLITE_PATH
+from .simproc import simulator_process
+
+SECTIONS = ("client", "service", "sweep", "ceiling", "processes", "memory")
+DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/wxpay_bench"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="CI-sized: proves the benchmark runs, measures little")
+    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
+                        help="database to use (created if missing); its sections are skipped if unreachable")
+    parser.add_argument("--latency", type=float, help="simulator latency in seconds for the sweep sections")
+    parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "latest.json")
+    parser.add_argument("--plot", type=Path, help="write the throughput plot (PNG) here")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    plan = QUICK if args.quick else FULL
+    if args.latency is not None:
+        plan = type(plan)(**{**plan.__dict__, "latency": args.latency})
+    wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
+    postgres = runner.postgres_backend(args.postgres_url)
+    backends = [b for b in (postgres, runner.sqlite_backend(SQLITE_PATH)) if b is not None]
+    results: dict[str, Any] = {"machine": machine.describe(), "plan": plan.__dict__, "quick": args.quick,
+                               "postgres": postgres is not None, "skipped": []}
+    if postgres is None:
+        results["skipped"].append(f"PostgreSQL sections: nothing answers at {args.postgres_url}")
+    started = time.perf_counter()
+    with simulator_process(0.0) as instant, simulator_process(plan.latency) as slow:
+        if "client" in wanted:
+            results["client"] = sections.client_overhead(plan, instant)
+        if "service" in wanted:
+            results["service"] = sections.service_overhead(plan, backends, instant)
+        if "sweep" in wanted:
+            results["sweep"] = sections.sweep_throughput(plan, backends, slow)
+        if postgres is not None:
+            if "ceiling" in wanted:
+                results["ceiling"] = sections.ceiling(plan, postgres, instant)
+            if "processes" in wanted:
+                results["processes"] = sections.two_processes(plan, postgres, slow)
+            if "memory" in wanted:
+                results["memory"] = sections.memory(plan, postgres, instant)
+    results["seconds"] = time.perf_counter() - started
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    if args.plot and "sweep" in results:
+        plot.throughput(results, args.plot)
+    print(report.render(results))
+    for note in results["skipped"]:
+        print(f"skipped: {note}")
+    print(f"{results['seconds']:.0f} s; JSON in {args.output}")
+
+
+if __name__ == "__main__":
+    main()

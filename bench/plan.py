@@ -1,0 +1,45 @@
+"""How big each measurement is: the full run (docs/performance.md) and the CI-sized `--quick` one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    client_calls: int  # sequential closes per side per repeat
+    client_repeats: int
+    service_orders: int  # close_order() calls per repeat
+    service_repeats: int
+    latency: float  # seconds the simulator adds to every answer in the sweep sections
+    sweep_orders: int  # backlog per sweep run
+    workers: tuple[int, ...]
+    target_runs: int  # sweep runs at the largest worker count on PostgreSQL (the target figure)
+    pool_calls: int  # closes per wechatpy thread-pool run
+    pool_repeats: int
+    ceiling_calls: int  # closes per run at zero latency, largest worker count
+    ceiling_repeats: int
+    processes_orders: int  # backlog shared by one or two sweeper processes
+    processes_repeats: int
+    memory_orders: tuple[int, ...]  # dry-run backlogs whose peak RSS is compared
+
+
+FULL = Plan(
+    client_calls=3000, client_repeats=5,
+    service_orders=500, service_repeats=5,
+    latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=3,
+    pool_calls=2000, pool_repeats=3,
+    ceiling_calls=3000, ceiling_repeats=3,
+    processes_orders=6000, processes_repeats=2,
+    memory_orders=(10_000, 100_000),
+)
+
+QUICK = Plan(
+    client_calls=100, client_repeats=2,
+    service_orders=20, service_repeats=2,
+    latency=0.01, sweep_orders=200, workers=(8, 32), target_runs=1,
+    pool_calls=100, pool_repeats=1,
+    ceiling_calls=100, ceiling_repeats=1,
+    processes_orders=200, processes_repeats=1,
+    memory_orders=(200, 1000),
+)

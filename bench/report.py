@@ -1,0 +1,65 @@
+"""The results as a plain-text table (what `python -m bench` prints and docs/performance.md shows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fig(figure: dict[str, Any], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(figure['median'])} ({fmt.format(figure['min'])}–{fmt.format(figure['max'])})"
+
+
+def _pct(figure: dict[str, Any]) -> str:
+    return _fig({key: figure[key] * 100 for key in ("median", "min", "max")}, "{:.0f}") + " %"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown tables: medians with (min–max) over the repeats noted in each section."""
+    out: list[str] = []
+    if client := results.get("client"):
+        out += [f"### Client CPU per close (sequential, zero latency, {client['calls']} calls × repeats)", ""]
+        rows = [[name, _fig(fig)] for name, fig in client["cpu_us_per_close"].items()]
+        rows += [["ours ÷ wechatpy", _fig(client["ours_to_wechatpy"], "{:.2f}")],
+                 ["ours ÷ http.client floor", _fig(client["ours_to_http_client"], "{:.2f}")]]
+        out += _table(["client", "CPU µs per close"], rows) + [""]
+    if service := results.get("service"):
+        out += ["### close_order() with its database work (zero latency, one order at a time)", ""]
+        rows = [[backend, _fig(r["cpu_us_per_order"]), _fig(r["wall_us_per_order"]),
+                 ", ".join(f"{n} statements × {count}" for n, count in r["sql_per_order"].items())]
+                for backend, r in service.items()]
+        out += _table(["database", "CPU µs per order", "wall µs per order", "SQL per order"], rows) + [""]
+    if sweep := results.get("sweep"):
+        latency_ms = results["plan"]["latency"] * 1000
+        out += [f"### Sweep: {results['plan']['sweep_orders']} expired orders, simulator latency {latency_ms:g} ms", ""]
+        rows = []
+        for workers, sides in sweep.items():
+            for name, r in sides.items():
+                rows.append([workers, name, _fig(r["closes_per_s"]), f"{r['limit_per_s']:.0f}", _pct(r["of_limit"]),
+                             f"{r['latency_ms_p50']['median']:.1f} / {r['latency_ms_p99']['median']:.1f}",
+                             _fig(r["cores"], "{:.2f}"), _fig(r["machine_busy_cores"], "{:.2f}"),
+                             f"{r['peak_rss_kib'] / 1024:.0f}"])
+        out += _table(["workers", "who", "closes/s", "limit/s", "of limit", "p50 / p99 ms", "cores (process)",
+                       "cores (machine)", "peak RSS MiB"], rows) + [""]
+    if ceiling := results.get("ceiling"):
+        out += [f"### Ceiling: zero latency, {ceiling['workers']} workers (one process)", ""]
+        rows = [[name, _fig(r["closes_per_s"]), _fig(r["cores"], "{:.2f}"), _fig(r["machine_busy_cores"], "{:.2f}")]
+                for name, r in ceiling.items() if name != "workers"]
+        out += _table(["who", "closes/s", "cores (process)", "cores (machine)"], rows) + [""]
+    if processes := results.get("processes"):
+        out += [f"### One or two sweeper processes, one backlog of {processes['orders']} "
+                f"({processes['workers_per_process']} workers each)", ""]
+        rows = [[n, _fig(processes["closes_per_s"][n]), _fig(processes["seconds"][n], "{:.1f}")] for n in ("1", "2")]
+        rows.append(["2 ÷ 1", _fig(processes["two_to_one"], "{:.2f}"), ""])
+        out += _table(["processes", "closes/s", "seconds for the backlog"], rows) + [""]
+    if memory := results.get("memory"):
+        out += ["### Peak RSS of the sweeper process", ""]
+        rows = [[orders, "dry run", f"{r['rss_before_sweep_kib'] / 1024:.1f}", f"{r['peak_rss_kib'] / 1024:.1f}"]
+                for orders, r in memory.items()]
+        out += _table(["backlog", "mode", "RSS before sweep MiB", "peak RSS MiB"], rows) + [""]
+    return "\n".join(out)

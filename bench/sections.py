@@ -1,0 +1,148 @@
+"""The benchmark's sections. Each runs its measurements in fresh worker processes and returns plain JSON data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import runner
+from .machine import BusyCores
+from .plan import Plan
+from .runner import Backend
+from .simproc import SimulatorProcess
+from .stats import Figure, alternate, ratio
+
+Sample = dict[str, Any]
+
+
+def client_overhead(plan: Plan, sim: SimulatorProcess) -> dict[str, Any]:
+    """Client CPU per close, sequential, zero latency; ratios per repeat, sides alternated inside the process."""
+    samples = runner.run("client", base_url=sim.base_url, calls=plan.client_calls, repeats=plan.client_repeats)
+    cpu = samples["cpu_us_per_close"]
+    return {
+        "calls": plan.client_calls,
+        "cpu_us_per_close": {name: Figure.of(values).as_dict() for name, values in cpu.items()},
+        "ours_to_wechatpy": ratio(cpu["ours"], cpu["wechatpy"]).as_dict(),
+        "ours_to_http_client": ratio(cpu["ours"], cpu["http.client"]).as_dict(),
+    }
+
+
+def service_overhead(plan: Plan, backends: Sequence[Backend], sim: SimulatorProcess) -> dict[str, Any]:
+    """close_order() with its database work, one order at a time, per backend."""
+    results = {}
+    for backend in backends:
+        runner.run("seed", backend=backend, orders=plan.service_orders * plan.service_repeats)
+        measured = runner.run("service", backend=backend, base_url=sim.base_url, orders=plan.service_orders,
+                              repeats=plan.service_repeats)
+        results[backend.name] = {
+            "orders": plan.service_orders,
+            "cpu_us_per_order": Figure.of(measured["cpu_us_per_order"]).as_dict(),
+            "wall_us_per_order": Figure.of(measured["wall_us_per_order"]).as_dict(),
+            "sql_per_order": measured["sql_per_order"],
+        }
+    return results
+
+
+def _sweep(backend: Backend, sim: SimulatorProcess, orders: int, workers: int) -> Callable[[], Sample]:
+    def once() -> Sample:
+        runner.run("seed", backend=backend, orders=orders)
+        busy, simulator_cpu = BusyCores(), sim.cpu_seconds()
+        result = runner.run("sweep", backend=backend, base_url=sim.base_url, workers=workers)
+        result["machine_busy_cores"] = busy.stop()
+        result["simulator_cores"] = (sim.cpu_seconds() - simulator_cpu) / result["wall_s"]
+        return result
+
+    return once
+
+
+def _pool(sender: str, sim: SimulatorProcess, calls: int, workers: int) -> Callable[[], Sample]:
+    def once() -> Sample:
+        busy = BusyCores()
+        result = runner.run("pool", base_url=sim.base_url, sender=sender, workers=workers, calls=calls)
+        result["machine_busy_cores"] = busy.stop()
+        return result
+
+    return once
+
+
+def _summary(runs: list[Sample], limit: float | None) -> dict[str, Any]:
+    """Throughput over every window of every run, with latency and CPU medians."""
+    throughput = Figure.of([rate for run in runs for rate in run["window_closes_per_s"]])
+    summary: dict[str, Any] = {
+        "runs": len(runs),
+        "closes_per_s": throughput.as_dict(),
+        "latency_ms_p50": Figure.of([run["latency_ms_p50"] for run in runs]).as_dict(),
+        "latency_ms_p99": Figure.of([run["latency_ms_p99"] for run in runs]).as_dict(),
+        "cores": Figure.of([run["cores"] for run in runs]).as_dict(),
+        "machine_busy_cores": Figure.of([run["machine_busy_cores"] for run in runs]).as_dict(),
+        "peak_rss_kib": max(run["peak_rss_kib"] for run in runs),
+        "whole_run_closes_per_s": [run["closes_per_s"] for run in runs],
+    }
+    if limit:
+        summary["limit_per_s"] = limit
+        summary["of_limit"] = throughput.scaled(1 / limit).as_dict()
+    return summary
+
+
+def sweep_throughput(plan: Plan, backends: Sequence[Backend], sim: SimulatorProcess) -> dict[str, Any]:
+    """close_expired_orders per worker count and backend, alternated with wechatpy in a thread pool."""
+    results: dict[str, Any] = {}
+    for workers in plan.workers:
+        sides = {f"ours/{b.name}": _sweep(b, sim, plan.sweep_orders, workers) for b in backends}
+        sides["wechatpy"] = _pool("wechatpy", sim, plan.pool_calls, workers)
+        repeats = plan.target_runs if workers == max(plan.workers) else 1
+        limit = workers / sim.latency if sim.latency else None
+        results[str(workers)] = {name: _summary(runs, limit) for name, runs in alternate(sides, repeats).items()}
+    return results
+
+
+def ceiling(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """Zero latency, the largest worker count: the most closes/s one process gets out of this machine."""
+    workers = max(plan.workers)
+    sides = {
+        f"ours/{backend.name} sweep": _sweep(backend, sim, plan.ceiling_calls, workers),
+        "ours client, thread pool": _pool("ours", sim, plan.ceiling_calls, workers),
+        "wechatpy, thread pool": _pool("wechatpy", sim, plan.ceiling_calls, workers),
+    }
+    runs = alternate(sides, plan.ceiling_repeats)
+    return {"workers": workers, **{name: _summary(samples, None) for name, samples in runs.items()}}
+
+
+def _processes(backend: Backend, sim: SimulatorProcess, orders: int, workers: int, count: int) -> Callable[[], Sample]:
+    def once() -> Sample:
+        runner.run("seed", backend=backend, orders=orders)
+        busy = BusyCores()
+        started = [runner.start("sweep", backend=backend, base_url=sim.base_url, workers=workers, analyse=False)
+                   for _ in range(count)]
+        runs = [runner.finish(process) for process in started]
+        span = max(r["ended_epoch"] for r in runs) - min(r["started_epoch"] for r in runs)
+        handled = sum(r["handled"] for r in runs)
+        return {"handled": handled, "per_process": [r["handled"] for r in runs], "seconds": span,
+                "closes_per_s": handled / span, "machine_busy_cores": busy.stop()}
+
+    return once
+
+
+def two_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """One sweeper process against two sharing the same backlog and database (each with the largest worker count)."""
+    workers = max(plan.workers)
+    sides = {str(n): _processes(backend, sim, plan.processes_orders, workers, n) for n in (1, 2)}
+    runs = alternate(sides, plan.processes_repeats)
+    return {
+        "orders": plan.processes_orders, "workers_per_process": workers,
+        "closes_per_s": {n: Figure.of([r["closes_per_s"] for r in samples]).as_dict() for n, samples in runs.items()},
+        "seconds": {n: Figure.of([r["seconds"] for r in samples]).as_dict() for n, samples in runs.items()},
+        "two_to_one": ratio([r["closes_per_s"] for r in runs["2"]], [r["closes_per_s"] for r in runs["1"]]).as_dict(),
+        "runs": runs,
+    }
+
+
+def memory(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """Peak RSS of a dry-run sweep process per backlog size (seeded by another process)."""
+    results = {}
+    for orders in plan.memory_orders:
+        runner.run("seed", backend=backend, orders=orders)
+        run = runner.run("sweep", backend=backend, base_url=sim.base_url, workers=max(plan.workers), dry_run=True)
+        results[str(orders)] = {"handled": run["handled"], "peak_rss_kib": run["peak_rss_kib"],
+                                "rss_before_sweep_kib": run["rss_before_sweep_kib"], "seconds": run["wall_s"]}
+    return results

@@ -1,0 +1,1 @@
+"""Measurements, each run in a fresh `python -m bench.worker` process and answered as JSON."""

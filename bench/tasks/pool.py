@@ -1,0 +1,44 @@
+"""A thread pool of bare clients (no database): what `wechatpy plus a cron script` reaches, and our client's ceiling."""
+
+from __future__ import annotations
+
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..stats import percentile, windows
+from .senders import SENDERS, order_numbers
+from .sweep import WINDOWS
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(*, sender: str, base_url: str, workers: int, calls: int, **_: Any) -> dict[str, Any]:
+    """`calls` closes through `workers` threads sharing one client, as a cron script would run them."""
+    close = SENDERS[sender](base_url, pool_size=workers)
+    next_number = order_numbers()
+    finished: list[float] = []
+    latencies: list[float] = []
+
+    def timed(out_trade_no: str) -> None:
+        began = time.perf_counter()
+        close(out_trade_no)
+        done = time.perf_counter()
+        latencies.append((done - began) * 1000)
+        finished.append(done)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(close, [next_number() for _ in range(workers)]))  # connections open before timing
+        cpu, started = _cpu_seconds(), time.perf_counter()
+        list(pool.map(timed, [next_number() for _ in range(calls)]))
+        wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    latencies.sort()
+    return {
+        "sender": sender, "workers": workers, "handled": calls, "wall_s": wall, "cpu_s": cpu, "cores": cpu / wall,
+        "closes_per_s": calls / wall, "window_closes_per_s": windows(finished, started, WINDOWS),
+        "latency_ms_p50": percentile(latencies, 0.50), "latency_ms_p99": percentile(latencies, 0.99),
+    }

@@ -1,0 +1,62 @@
+"""`manage.py close_expired_orders` over the seeded backlog: closes/s, per-close latency, CPU cores, memory."""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import time
+from typing import Any
+
+from .. import django_env
+from ..stats import percentile, windows
+
+WINDOWS = 5  # throughput samples per run: the closes split into this many consecutive equal parts
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(*, workers: int, dry_run: bool = False, analyse: bool = True, **_: Any) -> dict[str, Any]:
+    """One sweep in this process. `analyse`: read latencies back from the audit rows (one sweeper only)."""
+    django_env.setup()
+    from django.core.management import call_command
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    output = io.StringIO()
+    cpu, wall, started = _cpu_seconds(), time.perf_counter(), time.time()
+    call_command("close_expired_orders", workers=workers, json=True, dry_run=dry_run, stdout=output)
+    wall, cpu, ended = time.perf_counter() - wall, _cpu_seconds() - cpu, time.time()
+    summary = json.loads(output.getvalue())
+    result = {
+        "workers": workers,
+        "dry_run": dry_run,
+        "handled": summary["total"],
+        "by_action": summary["by_action"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cores": cpu / wall,
+        "closes_per_s": summary["total"] / wall,
+        "rss_before_sweep_kib": rss_before,
+        "started_epoch": started,
+        "ended_epoch": ended,
+    }
+    if analyse and not dry_run:
+        result.update(_from_audit_rows())
+    return result
+
+
+def _from_audit_rows() -> dict[str, Any]:
+    """Per-close latency (audit row written → answer recorded) and throughput per window of completions."""
+    from django_wxpay_close.models import CloseAttempt
+
+    rows = list(CloseAttempt.objects.order_by().values_list("started_at", "completed_at"))
+    latencies = sorted((done - started).total_seconds() * 1000 for started, done in rows)
+    first_start = min(started for started, _ in rows).timestamp()
+    return {
+        "latency_ms_p50": percentile(latencies, 0.50),
+        "latency_ms_p99": percentile(latencies, 0.99),
+        "window_closes_per_s": windows([done.timestamp() for _, done in rows], first_start, WINDOWS),
+    }
