@@ -103,21 +103,22 @@ def close_settings_as_json(wxpay: Mapping[str, Any]) -> str:
 
 @pytest.fixture
 def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Starts real `manage.py close_expired_orders --json` processes on this test's database and simulator.
+    """Starts real `manage.py close_expired_orders [--json]` processes on this test's database and simulator.
 
     They read WXPAY_CLOSE as it is when started; any still running when the test ends are killed.
     """
     processes: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> subprocess.Popen[str]:
+    def start(*args: str, as_json: bool = True, log_level: str = "WARNING") -> subprocess.Popen[str]:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.subprocess_settings",
             "WXPAY_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
             "WXPAY_TEST_CLOSE": close_settings_as_json(wxpay_settings),
+            "WXPAY_TEST_LOG_LEVEL": log_level,
         }
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "close_expired_orders", "--json", *args],
+            [sys.executable, str(ROOT / "manage.py"), "close_expired_orders", *(["--json"] if as_json else []), *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         processes.append(process)

@@ -7,6 +7,7 @@ Looked for in: every database row the app or the admin wrote, every log record o
 from __future__ import annotations
 
 import io
+import time
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -156,4 +157,40 @@ def test_the_api_key_appears_in_no_row_log_exception_admin_page_or_command_outpu
     assert all("<sign>" in xml for xml in CloseAttempt.objects.values_list("request_xml", flat=True))
     assert len(caplog.records) > 20 and len(seen.texts) > 50
 
+    assert seen.leaks() == []
+
+
+@pytest.mark.postgres
+def test_the_api_key_appears_in_no_output_of_a_sweeper_process_even_one_killed_mid_request(
+    make_order: Any, simulator: WeChatPaySimulator, canary_settings: dict[str, Any], start_sweeper: Any,
+) -> None:
+    seen = Seen()
+    for _ in range(4):
+        make_order()
+    make_order(merchant="other")  # wrong key: the process halts that merchant and exits non-zero
+    simulator.inject(Fault.BAD_SIGNATURE, out_trade_no=make_order().out_trade_no)
+
+    simulator.latency = 1.5  # the first process dies with its requests in flight
+    killed = start_sweeper("--workers", "2", log_level="DEBUG")
+    deadline = time.monotonic() + 20
+    while len(simulator.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.kill()
+    seen.add("killed process output", killed.communicate())
+    simulator.latency = 0.0
+    Order.objects.update(claim_expires_at=None, claim_token=None)  # as if the claims had expired
+
+    exit_statuses = []
+    for as_json in (False, True):
+        finished = start_sweeper("--workers", "2", as_json=as_json, log_level="DEBUG")
+        stdout, stderr = finished.communicate(timeout=60)
+        seen.add(f"process output (json={as_json})", stdout + stderr)
+        exit_statuses.append(finished.returncode)
+        Order.objects.update(next_attempt_at=None)
+    for model in apps.get_app_config("django_wxpay_close").get_models():
+        for row in model.objects.values():
+            seen.add(f"{model.__name__} row", row)
+
+    assert exit_statuses == [1, 1]  # the wrong key raised the alarm, with its error on stderr
+    assert CloseAttempt.objects.unfinished().exists() and "DEBUG" in "".join(text for _, text in seen.texts)
     assert seen.leaks() == []
