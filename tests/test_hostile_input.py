@@ -43,7 +43,7 @@ MEMORY_BOUND = 1024 * 1024  # bytes of Python heap a close may peak at, whatever
 @dataclass(frozen=True)
 class Answer:
     body: bytes
-    expected: OrderState = OrderState.OPEN  # only a correctly signed SUCCESS answer may change the state
+    expected: str = OrderState.OPEN  # only a correctly signed SUCCESS answer may change the state
     status: int = 200
 
     def __repr__(self) -> str:  # falsifying examples can be megabytes long
@@ -79,7 +79,7 @@ def to_xml(fields: dict[str, str], *, cdata: bool = True) -> bytes:
     return ("<xml>" + "".join(f"<{k}>{value(v)}</{k}>" for k, v in fields.items()) + "</xml>").encode("utf-8")
 
 
-xml_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00\ufffe\uffff"
+xml_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00\ufffe\uffff"
                                  ).filter(lambda c: c in "\t\n" or ord(c) >= 0x20), max_size=40)
 field_names = st.from_regex(r"\A[a-z][a-z_]{0,15}\Z")
 extra_fields = st.dictionaries(field_names.filter(lambda n: n not in answer_fields("SUCCESS") and n != "sign"),
