@@ -490,13 +490,13 @@ def _guarded(handle: Callable[[Order], OrderCloseResult], order: Order) -> Order
 
 
 def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) -> OrderCloseResult:
-    """Close one order now (if it is open, old enough and not in flight elsewhere)."""
+    """Close one order now (if it is open, old enough and not in flight elsewhere); `order` is refreshed."""
     _require_autocommit()
     run = _CloseRun(load_settings(), trigger=trigger, user=user)
     skip = run.claim_one(order, now=timezone.now())
-    if skip:
-        return run._result(order, CloseAction.SKIPPED, skip)
-    return _guarded(run.close_claimed, order)
+    result = run._result(order, CloseAction.SKIPPED, skip) if skip else _guarded(run.close_claimed, order)
+    order.refresh_from_db()
+    return result
 
 
 def close_orders(

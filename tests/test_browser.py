@@ -1,8 +1,9 @@
 """The admin action end to end in headless Chromium (Playwright), against Django's live server and the simulator.
 
 Needs `pip install playwright` and Debian's `chromium` (no `playwright install`: the system browser is used).
-Skipped with the reason when either is missing, except under CI=true, where that is a failure. It refreshes
-the screenshots in docs/img/ that the README embeds.
+Skipped with the reason when either is missing, except under CI=true, where that is a failure. It takes
+screenshots of the confirmation and order pages; with WXPAY_UPDATE_SCREENSHOTS=1 it writes them over the
+ones in docs/img/ that the README embeds (`WXPAY_UPDATE_SCREENSHOTS=1 scripts/test -m browser`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("WXPAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+README_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
 CHANGELIST = "/admin/django_wxpay_close/order/"
 
 
@@ -59,6 +60,11 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             browser.close()
 
 
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    return README_SCREENSHOTS if os.environ.get("WXPAY_UPDATE_SCREENSHOTS") == "1" else tmp_path
+
+
 def log_in(page: Any, base_url: str) -> None:
     page.goto(f"{base_url}/admin/login/?next={CHANGELIST}")
     page.fill("#id_username", "admin")
@@ -83,7 +89,7 @@ def message(page: Any) -> str:
 
 
 def test_an_operator_closes_expired_orders_through_the_confirmation_page(page, live_server, admin_user, make_order,
-                                                                         simulator):
+                                                                         simulator, screenshots):
     for number in ("EXPIRED-1", "EXPIRED-2", "EXPIRED-3"):
         make_order(number)
     make_order("JUST-CREATED", age=timedelta(minutes=1), expired_for=timedelta(minutes=-29))
@@ -93,7 +99,7 @@ def test_an_operator_closes_expired_orders_through_the_confirmation_page(page, l
     run_close_action(page, live_server.url, ["EXPIRED-1", "EXPIRED-2", "EXPIRED-3", "JUST-CREATED"])
     assert page.locator("#to-send tbody tr").count() == 3
     assert "younger than MIN_ORDER_AGE" in page.locator("#skipped", has_text="JUST-CREATED").inner_text()
-    page.screenshot(path=str(SCREENSHOTS / "confirmation-page.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "confirmation-page.png"), full_page=True)
     page.click("input[type=submit][value='Yes, close 3 orders']")
     page.wait_for_url(f"{live_server.url}{CHANGELIST}")
 
@@ -115,4 +121,5 @@ def test_an_operator_closes_expired_orders_through_the_confirmation_page(page, l
     assert trail.locator("tbody tr", has=page.locator("a[href*='/closeattempt/']")).count() == 2
     assert "Closed at " in page.locator(".wxpay-story").inner_text()
     trail.locator("details summary").first.click()  # show the newest exchange's XML in the screenshot
-    page.screenshot(path=str(SCREENSHOTS / "order-page.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "order-page.png"), full_page=True)
+    assert (screenshots / "order-page.png").stat().st_size > 10_000

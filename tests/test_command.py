@@ -79,7 +79,7 @@ def test_a_configuration_error_exits_non_zero_for_cron_monitoring(make_order, wx
 def test_an_untrusted_answer_exits_non_zero(make_order, simulator):
     make_order()
     simulator.inject(Fault.UNSIGNED)
-    with pytest.raises(CommandError, match="need attention"):
+    with pytest.raises(CommandError, match="1 needs attention"):
         run()
 
 

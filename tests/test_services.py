@@ -373,3 +373,11 @@ def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close
     monkeypatch.setattr(services._CloseRun, "close_claimed", close_claimed)
     report = sweep_expired_orders(workers=2)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
+
+
+def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+    assert close_order(order).action is CloseAction.RETRY_SCHEDULED
+    assert order.claim_token is None and order.retry_count == 1
+    assert close_order(order).action is CloseAction.CLOSED

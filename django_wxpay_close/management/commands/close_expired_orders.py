@@ -71,7 +71,7 @@ class Command(BaseCommand):
             self._print_table(report, dry_run=options["dry_run"])
         if report.has_alarms and options["fail_on_error"]:
             problems = ", ".join(
-                f"{report.by_action[a]} {a.label}" for a in CloseAction if a.is_alarm and report.by_action[a]
+                a.counted(report.by_action[a]) for a in CloseAction if a.is_alarm and report.by_action[a]
             )
             raise CommandError(f"close_expired_orders finished with problems: {problems}")
 
