@@ -276,7 +276,7 @@ def test_a_success_body_that_is_not_correctly_signed_changes_nothing_and_fails_t
     assert close_order(by_service).action is CloseAction.PUT_ON_HOLD
     run = run_sweep()
 
-    assert run.exit_status == 1 and "need attention" in run.error and run.summary["by_action"] == {"on_hold": 1}
+    assert run.exit_status == 1 and "attention" in run.error and run.summary["by_action"] == {"on_hold": 1}
     assert refreshed(by_service).on_hold and refreshed(by_service).state == OrderState.OPEN
     order = refreshed(order)
     assert order.state == OrderState.OPEN and order.on_hold and order.closed_at is None
