@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connections
 
 from django_wxpay_close.models import Order, OrderState
 from django_wxpay_close.testing import Fault
@@ -58,6 +59,9 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             yield context.new_page()
         finally:
             browser.close()
+            # ORM calls made while Playwright runs get their own context-local connection; close it here,
+            # or it outlives the test and blocks dropping the PostgreSQL test database.
+            connections.close_all()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
@@ -200,7 +200,13 @@ def test_a_lapsed_claim_of_a_dead_process_is_taken_over(make_order):
 def test_the_audit_row_exists_before_the_request_is_answered(make_order, simulator):
     order = make_order()
     simulator.inject(Fault.DELAY, delay=0.6)
-    worker = threading.Thread(target=close_order, args=(order,))
+    def close_in_background() -> None:
+        try:
+            close_order(order)
+        finally:
+            connections.close_all()  # this thread's own connection; left open it blocks dropping the test DB
+
+    worker = threading.Thread(target=close_in_background)
     worker.start()
     deadline = time.monotonic() + 5
     while not CloseAttempt.objects.exists() and time.monotonic() < deadline:
