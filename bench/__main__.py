@@ -14,8 +14,9 @@ from .plan import FULL, QUICK
 from .settings import SQLITE_PATH
 from .simproc import simulator_process
 
-SECTIONS = ("client", "service", "sweep", "ceiling", "processes", "memory")
+SECTIONS = ("client", "service", "profile", "sweep", "ceiling", "processes", "memory")
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/wxpay_bench"
+RESULTS = Path(__file__).parent / "results"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="database to use (created if missing); its sections are skipped if unreachable")
     parser.add_argument("--latency", type=float, help="simulator latency in seconds for the sweep sections")
     parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "latest.json")
+    parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
     parser.add_argument("--plot", type=Path, help="write the throughput plot (PNG) here")
     return parser
 
@@ -42,31 +43,34 @@ def main() -> None:
                                "postgres": postgres is not None, "skipped": []}
     if postgres is None:
         results["skipped"].append(f"PostgreSQL sections: nothing answers at {args.postgres_url}")
+    output = args.output or RESULTS / ("quick.json" if args.quick else "latest.json")
     started = time.perf_counter()
     with simulator_process(0.0) as instant, simulator_process(plan.latency) as slow:
         if "client" in wanted:
             results["client"] = sections.client_overhead(plan, instant)
         if "service" in wanted:
             results["service"] = sections.service_overhead(plan, backends, instant)
+        if "profile" in wanted:
+            results["profile"] = sections.profile(plan, backends[0], instant)
         if "sweep" in wanted:
             results["sweep"] = sections.sweep_throughput(plan, backends, slow)
         if postgres is not None:
             if "ceiling" in wanted:
                 results["ceiling"] = sections.ceiling(plan, postgres, instant)
             if "processes" in wanted:
-                results["processes"] = sections.two_processes(plan, postgres, slow)
+                results["processes"] = sections.sweeper_processes(plan, postgres, slow)
             if "memory" in wanted:
                 results["memory"] = sections.memory(plan, postgres, instant)
     results["seconds"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
     if args.plot and "sweep" in results:
         plot.throughput(results, args.plot)
     print(report.render(results))
     for note in results["skipped"]:
         print(f"skipped: {note}")
-    print(f"{results['seconds']:.0f} s; JSON in {args.output}")
+    print(f"{results['seconds']:.0f} s; JSON in {output}")
 
 
 if __name__ == "__main__":

@@ -19,18 +19,19 @@ class Plan:
     pool_repeats: int
     ceiling_calls: int  # closes per run at zero latency, largest worker count
     ceiling_repeats: int
-    processes_orders: int  # backlog shared by one or two sweeper processes
+    processes_orders: int  # backlog shared by the sweeper processes
+    process_layouts: tuple[tuple[int, int], ...]  # (processes, workers each); the first is the baseline
     processes_repeats: int
     memory_orders: tuple[int, ...]  # dry-run backlogs whose peak RSS is compared
 
 
 FULL = Plan(
-    client_calls=3000, client_repeats=5,
+    client_calls=3000, client_repeats=3,
     service_orders=500, service_repeats=5,
     latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=3,
     pool_calls=2000, pool_repeats=3,
-    ceiling_calls=3000, ceiling_repeats=3,
-    processes_orders=6000, processes_repeats=2,
+    ceiling_calls=2000, ceiling_repeats=3,
+    processes_orders=5000, process_layouts=((1, 32), (2, 16), (2, 32)), processes_repeats=2,
     memory_orders=(10_000, 100_000),
 )
 
@@ -40,6 +41,6 @@ QUICK = Plan(
     latency=0.01, sweep_orders=200, workers=(8, 32), target_runs=1,
     pool_calls=100, pool_repeats=1,
     ceiling_calls=100, ceiling_repeats=1,
-    processes_orders=200, processes_repeats=1,
+    processes_orders=200, process_layouts=((1, 32), (2, 16)), processes_repeats=1,
     memory_orders=(200, 1000),
 )

@@ -19,6 +19,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
 
 
+def _real_sweep_peaks(results: dict[str, Any]) -> list[list[str]]:
+    """Peak RSS of the real (sending) PostgreSQL sweeps the ceiling and sweep sections ran, largest worker count."""
+    plan, rows = results["plan"], []
+    if run := results.get("ceiling", {}).get("ours/postgresql sweep"):
+        rows.append([str(plan["ceiling_calls"]), f"real sweep, {results['ceiling']['workers']} workers", "",
+                     f"{run['peak_rss_kib'] / 1024:.1f}"])
+    if run := results.get("sweep", {}).get(str(max(plan["workers"])), {}).get("ours/postgresql"):
+        rows.append([str(plan["sweep_orders"]), f"real sweep, {max(plan['workers'])} workers", "",
+                     f"{run['peak_rss_kib'] / 1024:.1f}"])
+    return rows
+
+
 def render(results: dict[str, Any]) -> str:
     """Markdown tables: medians with (min–max) over the repeats noted in each section."""
     out: list[str] = []
@@ -34,6 +46,12 @@ def render(results: dict[str, Any]) -> str:
                  ", ".join(f"{n} statements × {count}" for n, count in r["sql_per_order"].items())]
                 for backend, r in service.items()]
         out += _table(["database", "CPU µs per order", "wall µs per order", "SQL per order"], rows) + [""]
+    if profile := results.get("profile"):
+        out += [f"### Where the CPU goes (cProfile self time, % of the total; close_order() on {profile['vendor']})", ""]
+        areas = list(dict.fromkeys([*profile["close_order"], *profile["client"]]))
+        rows = [[area, f"{profile['client'].get(area, 0):.0f} %", f"{profile['close_order'].get(area, 0):.0f} %"]
+                for area in areas]
+        out += _table(["area", "client alone", "close_order()"], rows) + [""]
     if sweep := results.get("sweep"):
         latency_ms = results["plan"]["latency"] * 1000
         out += [f"### Sweep: {results['plan']['sweep_orders']} expired orders, simulator latency {latency_ms:g} ms", ""]
@@ -52,14 +70,16 @@ def render(results: dict[str, Any]) -> str:
                 for name, r in ceiling.items() if name != "workers"]
         out += _table(["who", "closes/s", "cores (process)", "cores (machine)"], rows) + [""]
     if processes := results.get("processes"):
-        out += [f"### One or two sweeper processes, one backlog of {processes['orders']} "
-                f"({processes['workers_per_process']} workers each)", ""]
-        rows = [[n, _fig(processes["closes_per_s"][n]), _fig(processes["seconds"][n], "{:.1f}")] for n in ("1", "2")]
-        rows.append(["2 ÷ 1", _fig(processes["two_to_one"], "{:.2f}"), ""])
-        out += _table(["processes", "closes/s", "seconds for the backlog"], rows) + [""]
+        out += [f"### Sweeper processes sharing one database and one backlog of {processes['orders']} orders", ""]
+        rows = [[name, _fig(r["closes_per_s"]), _fig(r["to_first"], "{:.2f}"), _fig(r["seconds"], "{:.1f}"),
+                 _fig(r["machine_busy_cores"], "{:.2f}")] for name, r in processes["layouts"].items()]
+        first = next(iter(processes["layouts"]))
+        out += _table(["processes × workers", "closes/s", f"÷ {first}", "seconds for the backlog",
+                       "cores (machine)"], rows) + [""]
     if memory := results.get("memory"):
         out += ["### Peak RSS of the sweeper process", ""]
         rows = [[orders, "dry run", f"{r['rss_before_sweep_kib'] / 1024:.1f}", f"{r['peak_rss_kib'] / 1024:.1f}"]
                 for orders, r in memory.items()]
+        rows += _real_sweep_peaks(results)
         out += _table(["backlog", "mode", "RSS before sweep MiB", "peak RSS MiB"], rows) + [""]
     return "\n".join(out)

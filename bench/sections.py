@@ -43,6 +43,13 @@ def service_overhead(plan: Plan, backends: Sequence[Backend], sim: SimulatorProc
     return results
 
 
+def profile(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """cProfile self time per close, by library: the client alone and close_order() with its database work."""
+    calls = max(plan.service_orders, 20)
+    runner.run("seed", backend=backend, orders=calls + 50)
+    return runner.run("profile", backend=backend, base_url=sim.base_url, calls=calls)
+
+
 def _sweep(backend: Backend, sim: SimulatorProcess, orders: int, workers: int) -> Callable[[], Sample]:
     def once() -> Sample:
         runner.run("seed", backend=backend, orders=orders)
@@ -123,16 +130,23 @@ def _processes(backend: Backend, sim: SimulatorProcess, orders: int, workers: in
     return once
 
 
-def two_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
-    """One sweeper process against two sharing the same backlog and database (each with the largest worker count)."""
-    workers = max(plan.workers)
-    sides = {str(n): _processes(backend, sim, plan.processes_orders, workers, n) for n in (1, 2)}
+def sweeper_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """One sweeper process against several sharing the same backlog and database (`plan.process_layouts`)."""
+    sides = {f"{count} × {workers}": _processes(backend, sim, plan.processes_orders, workers, count)
+             for count, workers in plan.process_layouts}
     runs = alternate(sides, plan.processes_repeats)
+    baseline = [r["closes_per_s"] for r in next(iter(runs.values()))]
     return {
-        "orders": plan.processes_orders, "workers_per_process": workers,
-        "closes_per_s": {n: Figure.of([r["closes_per_s"] for r in samples]).as_dict() for n, samples in runs.items()},
-        "seconds": {n: Figure.of([r["seconds"] for r in samples]).as_dict() for n, samples in runs.items()},
-        "two_to_one": ratio([r["closes_per_s"] for r in runs["2"]], [r["closes_per_s"] for r in runs["1"]]).as_dict(),
+        "orders": plan.processes_orders,
+        "layouts": {
+            name: {
+                "closes_per_s": Figure.of([r["closes_per_s"] for r in samples]).as_dict(),
+                "seconds": Figure.of([r["seconds"] for r in samples]).as_dict(),
+                "to_first": ratio([r["closes_per_s"] for r in samples], baseline).as_dict(),
+                "machine_busy_cores": Figure.of([r["machine_busy_cores"] for r in samples]).as_dict(),
+            }
+            for name, samples in runs.items()
+        },
         "runs": runs,
     }
 

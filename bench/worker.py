@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 
-TASKS = ("client", "pool", "service", "seed", "sweep")
+TASKS = ("client", "pool", "profile", "service", "seed", "sweep")
 
 
 def main(argv: list[str]) -> int:
