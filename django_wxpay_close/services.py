@@ -309,9 +309,10 @@ class _CloseRun:
     def _release(self, order: Order, **updates: Any) -> int:
         """Clear our claim (only if still ours) and apply bookkeeping; the state is left as it is."""
         mine = When(claim_token=order.claim_token, then=Value(None))
+        # claim_token last: MySQL/MariaDB apply SET assignments left to right, each seeing the ones before it.
         return Order.objects.filter(pk=order.pk).update(
-            claim_token=Case(mine, default=F("claim_token")),
             claim_expires_at=Case(mine, default=F("claim_expires_at")),
+            claim_token=Case(mine, default=F("claim_token")),
             **updates,
         )
 

@@ -25,11 +25,14 @@ OTHER_API_KEY = "OTHERKEY0OTHERKEY1OTHERKEY2OTHER"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """PostgreSQL-only tests skip, with their reason, on other backends; scripts/test runs them on PostgreSQL
-    (and fails under CI=true when PostgreSQL cannot be reached)."""
-    if connection.vendor == "postgresql":
+    """`postgres`-marked tests need a server database with row locks and SKIP LOCKED that several processes
+    share: PostgreSQL, or MariaDB 10.6+ / MySQL 8 (vendor "mysql"; they pass there too). Elsewhere (SQLite) they
+    skip with their reason; scripts/test runs them on PostgreSQL (and fails under CI=true when PostgreSQL cannot be
+    reached). The vendor decides, not connection.features: collection may not touch the database."""
+    if connection.vendor in ("postgresql", "mysql"):
         return
-    skip = pytest.mark.skip(reason=f"needs PostgreSQL, this run uses {connection.vendor} (scripts/test runs a PostgreSQL pass)")
+    skip = pytest.mark.skip(reason=f"needs PostgreSQL or MariaDB (row locks, SKIP LOCKED), this run uses {connection.vendor} "
+                                   "(scripts/test runs a PostgreSQL pass)")
     for item in items:
         if "postgres" in item.keywords:
             item.add_marker(skip)
