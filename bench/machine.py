@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -11,7 +12,7 @@ from typing import Any
 def describe() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     memory_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("django", "requests", "urllib3", "defusedxml", "psycopg", "wechatpy", "xmltodict"):
         try:
             packages[name] = version(name)
@@ -22,6 +23,12 @@ def describe() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(), "packages": packages,
         "load_average_at_start": os.getloadavg(),
     }
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process so far, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class BusyCores:

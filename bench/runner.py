@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,8 @@ def postgres_backend(url: str) -> Backend | None:
     parts = urlsplit(url)
     name = parts.path.lstrip("/") or "postgres"
     try:
-        with psycopg.connect(url.replace(parts.path, "/postgres", 1) if parts.path else url, autocommit=True,
-                             connect_timeout=3) as admin:
+        maintenance = urlunsplit(parts._replace(path="/postgres"))
+        with psycopg.connect(maintenance, autocommit=True, connect_timeout=3) as admin:
             if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
                 admin.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError:
@@ -65,7 +65,7 @@ def start(task: str, *, backend: Backend | None = None, base_url: str | None = N
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     stdout, stderr = process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, process.args))} failed ({process.returncode}):\n{stderr[-4000:]}")
+        raise RuntimeError(f"{process.args!r} failed ({process.returncode}):\n{stderr[-4000:]}")
     return json.loads(stdout.strip().splitlines()[-1])
 
 

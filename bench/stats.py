@@ -31,9 +31,6 @@ class Figure:
     def as_dict(self) -> dict[str, Any]:
         return {"median": self.median, "min": self.low, "max": self.high, "samples": self.samples}
 
-    def text(self, fmt: str = "{:.0f}") -> str:
-        return f"{fmt.format(self.median)} ({fmt.format(self.low)}–{fmt.format(self.high)})"
-
 
 def alternate(sides: Mapping[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
     """Run every side `repeats` times, in A B, B A, A B… order so drift hits each side alike."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..stats import alternate
@@ -11,7 +12,7 @@ from .senders import SENDERS, Close, order_numbers
 WARM_UP = 50
 
 
-def _cpu_per_call(close: Close, next_number: Any, calls: int) -> float:
+def _cpu_per_call(close: Close, next_number: Callable[[], str], calls: int) -> float:
     """Microseconds of this process's CPU (all threads, user + system) per call."""
     started = time.process_time()
     for _ in range(calls):
@@ -19,7 +20,8 @@ def _cpu_per_call(close: Close, next_number: Any, calls: int) -> float:
     return (time.process_time() - started) / calls * 1e6
 
 
-def run(*, base_url: str, calls: int, repeats: int, **_: Any) -> dict[str, Any]:
+def run(*, base_url: str, calls: int, repeats: int, **_unused: Any) -> dict[str, Any]:
+    """µs of CPU per close for each sender, `repeats` alternated rounds of `calls` sequential closes."""
     next_number = order_numbers()
     senders = {name: factory(base_url) for name, factory in SENDERS.items()}
     for close in senders.values():

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..machine import cpu_seconds
 from ..stats import percentile, windows
 from .senders import SENDERS, order_numbers
 from .sweep import WINDOWS
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run(*, sender: str, base_url: str, workers: int, calls: int, **_: Any) -> dict[str, Any]:
+def run(*, sender: str, base_url: str, workers: int, calls: int, **_unused: Any) -> dict[str, Any]:
     """`calls` closes through `workers` threads sharing one client, as a cron script would run them."""
     close = SENDERS[sender](base_url, pool_size=workers)
     next_number = order_numbers()
@@ -33,9 +28,9 @@ def run(*, sender: str, base_url: str, workers: int, calls: int, **_: Any) -> di
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(close, [next_number() for _ in range(workers)]))  # connections open before timing
-        cpu, started = _cpu_seconds(), time.perf_counter()
+        cpu, started = cpu_seconds(), time.perf_counter()
         list(pool.map(timed, [next_number() for _ in range(calls)]))
-        wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+        wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     latencies.sort()
     return {
         "sender": sender, "workers": workers, "handled": calls, "wall_s": wall, "cpu_s": cpu, "cores": cpu / wall,

@@ -57,7 +57,7 @@ def _profile(calls: int, work: Any) -> dict[str, float]:
     return {area: round(seconds / total * 100, 1) for area, seconds in areas.most_common()}
 
 
-def run(*, base_url: str, calls: int, **_: Any) -> dict[str, Any]:
+def run(*, base_url: str, calls: int, **_unused: Any) -> dict[str, Any]:
     """Share of profiled CPU by area: our client alone, then close_order() on the seeded backlog."""
     close, next_number = ours(base_url), order_numbers()
     for _ in range(50):

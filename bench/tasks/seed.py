@@ -8,7 +8,7 @@ from typing import Any
 from .. import django_env
 
 
-def run(*, orders: int, **_: Any) -> dict[str, Any]:
+def run(*, orders: int, **_unused: Any) -> dict[str, Any]:
     started = time.perf_counter()
     django_env.setup()
     django_env.migrate()

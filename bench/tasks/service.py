@@ -10,7 +10,7 @@ from typing import Any
 from .. import django_env
 
 
-def run(*, orders: int, repeats: int, **_: Any) -> dict[str, Any]:
+def run(*, orders: int, repeats: int, **_unused: Any) -> dict[str, Any]:
     """Closes `orders` seeded orders per repeat (the seed holds orders × repeats); samples per repeat."""
     django_env.setup()
     from django.db import connection

@@ -9,26 +9,22 @@ import time
 from typing import Any
 
 from .. import django_env
+from ..machine import cpu_seconds
 from ..stats import percentile, windows
 
 WINDOWS = 5  # throughput samples per run: the closes split into this many consecutive equal parts
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run(*, workers: int, dry_run: bool = False, analyse: bool = True, **_: Any) -> dict[str, Any]:
+def run(*, workers: int, dry_run: bool = False, analyse: bool = True, **_unused: Any) -> dict[str, Any]:
     """One sweep in this process. `analyse`: read latencies back from the audit rows (one sweeper only)."""
     django_env.setup()
     from django.core.management import call_command
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     output = io.StringIO()
-    cpu, wall, started = _cpu_seconds(), time.perf_counter(), time.time()
+    cpu, wall, started = cpu_seconds(), time.perf_counter(), time.time()
     call_command("close_expired_orders", workers=workers, json=True, dry_run=dry_run, stdout=output)
-    wall, cpu, ended = time.perf_counter() - wall, _cpu_seconds() - cpu, time.time()
+    wall, cpu, ended = time.perf_counter() - wall, cpu_seconds() - cpu, time.time()
     summary = json.loads(output.getvalue())
     result = {
         "workers": workers,
