@@ -27,13 +27,13 @@ from functools import lru_cache
 from typing import Any
 
 from django.db import connections, transaction
-from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from . import signals
 from .conf import CloseSettings, load_settings
 from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
 from .selectors import claimable, orders_due_for_closing, why_not_closable
+from .statements import Add, ClearIfClaimedBy, update_row
 from .wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, validate_out_trade_no
 
 __all__ = [
@@ -308,13 +308,9 @@ class _CloseRun:
 
     def _release(self, order: Order, **updates: Any) -> int:
         """Clear our claim (only if still ours) and apply bookkeeping; the state is left as it is."""
-        mine = When(claim_token=order.claim_token, then=Value(None))
+        mine = ClearIfClaimedBy(order.claim_token)
         # claim_token last: MySQL/MariaDB apply SET assignments left to right, each seeing the ones before it.
-        return Order.objects.filter(pk=order.pk).update(
-            claim_expires_at=Case(mine, default=F("claim_expires_at")),
-            claim_token=Case(mine, default=F("claim_token")),
-            **updates,
-        )
+        return update_row(Order, order.pk, {**updates, "claim_expires_at": mine, "claim_token": mine})
 
     # -- one order ---------------------------------------------------------------------------
 
@@ -346,7 +342,7 @@ class _CloseRun:
         if not self._keep_claim(order):
             return self._result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
 
-        attempt = CloseAttempt.objects.create(
+        attempt = CloseAttempt.start(
             order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
             out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
             url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
@@ -359,7 +355,7 @@ class _CloseRun:
         now = timezone.now()
         outcome = result.outcome
         bookkeeping: dict[str, Any] = {
-            "attempt_count": F("attempt_count") + 1,
+            "attempt_count": Add(1),
             "last_attempt_at": now,
             "last_outcome": outcome.value,
             "last_error": result.reason,
@@ -398,7 +394,7 @@ class _CloseRun:
         retries = order.retry_count + 1
         if retries < self.settings.max_attempts:
             delay = self.settings.retry_delay(retries)
-            self._release(order, **bookkeeping, retry_count=F("retry_count") + 1, next_attempt_at=now + delay)
+            self._release(order, **bookkeeping, retry_count=Add(1), next_attempt_at=now + delay)
             _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
             return finish(CloseAction.RETRY_SCHEDULED)
 
@@ -419,8 +415,11 @@ class _CloseRun:
         source = order.state
         if target not in ALLOWED_TRANSITIONS[source]:
             raise InvalidTransition(f"{source} -> {target} is not an allowed transition")
-        changed = Order.objects.filter(pk=order.pk, state=source).update(
-            state=target, state_changed_at=now, claim_token=None, claim_expires_at=None, **bookkeeping, **updates
+        changed = update_row(
+            Order, order.pk,
+            {"state": target, "state_changed_at": now, "claim_token": None, "claim_expires_at": None,
+             **bookkeeping, **updates},
+            where={"state": source},
         )
         if not changed:
             self._release(order, **bookkeeping)

@@ -1,0 +1,121 @@
+"""The writes every close makes, as SQL compiled once per statement shape instead of by the ORM per call.
+
+Each order costs three statements (audit row, its completion, the order's update). Django's query
+compiler costs about four times what executing them does (docs/performance.md), and a sweep runs them
+thousands of times in one GIL-bound process. Values still go through each field's own
+`get_db_prep_save` / `get_db_prep_value`, so SQLite, PostgreSQL and MariaDB get exactly what the ORM
+would give them. Everything else (claims, reads, the admin) uses the ORM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+from django.db import connections
+from django.db.models import Model
+
+__all__ = ["Add", "ClearIfClaimedBy", "insert_row", "update_row"]
+
+
+@dataclass(frozen=True)
+class Add:
+    """SET column = column + amount."""
+
+    amount: int = 1
+
+
+@dataclass(frozen=True)
+class ClearIfClaimedBy:
+    """SET column = NULL if the row's claim_token is `token`, else leave it.
+
+    MySQL and MariaDB apply SET assignments left to right, each seeing the ones before it: put
+    claim_token itself last, or the other columns would compare against the NULL just written.
+    """
+
+    token: UUID | None
+
+
+def _column(model: type[Model], name: str) -> tuple[Any, str]:
+    field = model._meta.get_field(name)
+    return field, field.column
+
+
+@lru_cache(maxsize=256)
+def _update_sql(model: type[Model], using: str, sets: tuple[tuple[str, str], ...],
+                wheres: tuple[tuple[str, bool], ...]) -> str:
+    quote = connections[using].ops.quote_name
+    assignments = []
+    for name, kind in sets:
+        column = quote(_column(model, name)[1])
+        if kind == "add":
+            assignments.append(f"{column} = {column} + %s")
+        elif kind == "clear_if_claimed":
+            token = quote(_column(model, "claim_token")[1])
+            assignments.append(f"{column} = CASE WHEN {token} = %s THEN NULL ELSE {column} END")
+        else:
+            assignments.append(f"{column} = %s")
+    conditions = [f"{quote(model._meta.pk.column)} = %s"] + [
+        f"{quote(_column(model, name)[1])} IS NULL" if is_null else f"{quote(_column(model, name)[1])} = %s"
+        for name, is_null in wheres
+    ]
+    return f"UPDATE {quote(model._meta.db_table)} SET {', '.join(assignments)} WHERE {' AND '.join(conditions)}"
+
+
+def update_row(model: type[Model], pk: int, values: Mapping[str, Any], *, where: Mapping[str, Any] | None = None,
+               using: str = "default") -> int:
+    """UPDATE one row by primary key, only if `where` holds (None means IS NULL); the number of rows changed."""
+    connection = connections[using]
+    where = where or {}
+    sets: list[tuple[str, str]] = []
+    params: list[Any] = []
+    for name, value in values.items():
+        field, _ = _column(model, name)
+        if isinstance(value, Add):
+            sets.append((name, "add"))
+            params.append(value.amount)
+        elif isinstance(value, ClearIfClaimedBy):
+            sets.append((name, "clear_if_claimed"))
+            params.append(_column(model, "claim_token")[0].get_db_prep_value(value.token, connection))
+        else:
+            sets.append((name, "set"))
+            params.append(field.get_db_prep_save(value, connection))
+    params.append(pk)
+    wheres = []
+    for name, value in where.items():
+        wheres.append((name, value is None))
+        if value is not None:
+            params.append(_column(model, name)[0].get_db_prep_value(value, connection))
+    sql = _update_sql(model, using, tuple(sets), tuple(wheres))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(model: type[Model], using: str, returning: bool) -> tuple[str, tuple[Any, ...]]:
+    quote = connections[using].ops.quote_name
+    fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key)
+    sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))})")
+    if returning:
+        sql += f" RETURNING {quote(model._meta.pk.column)}"
+    return sql, fields
+
+
+def insert_row(model: type[Model], values: Mapping[str, Any], *, using: str = "default") -> int:
+    """INSERT one row (fields not given take their model default); its new primary key."""
+    connection = connections[using]
+    returning = connection.features.can_return_columns_from_insert
+    sql, fields = _insert_sql(model, using, returning)
+    params = [
+        f.get_db_prep_save(values[f.attname] if f.attname in values else f.get_default(), connection) for f in fields
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        if returning:
+            return cursor.fetchone()[0]
+        return connection.ops.last_insert_id(cursor, model._meta.db_table, model._meta.pk.column)

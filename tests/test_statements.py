@@ -1,0 +1,62 @@
+"""The precompiled hot-path statements behave like the ORM updates they replace, on every backend."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.utils import timezone
+
+from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
+from django_wxpay_close.statements import Add, ClearIfClaimedBy, insert_row, update_row
+
+
+def test_a_release_clears_only_its_own_claim(make_order):
+    order = make_order()
+    theirs = uuid.uuid4()
+    Order.objects.filter(pk=order.pk).update(claim_token=theirs, claim_expires_at=timezone.now() + timedelta(minutes=1))
+
+    mine = ClearIfClaimedBy(uuid.uuid4())
+    update_row(Order, order.pk, {"last_error": "x", "claim_expires_at": mine, "claim_token": mine})
+    order.refresh_from_db()
+    assert order.claim_token == theirs and order.claim_expires_at is not None and order.last_error == "x"
+
+    ours = ClearIfClaimedBy(theirs)
+    update_row(Order, order.pk, {"claim_expires_at": ours, "claim_token": ours})
+    order.refresh_from_db()
+    assert order.claim_token is None and order.claim_expires_at is None
+
+
+def test_a_conditional_update_changes_nothing_when_its_condition_fails(make_order):
+    order = make_order(state=OrderState.PAID)
+    changed = update_row(Order, order.pk, {"state": OrderState.CLOSED}, where={"state": OrderState.OPEN})
+    order.refresh_from_db()
+    assert changed == 0 and order.state == OrderState.PAID
+
+
+def test_add_increments_in_the_database_not_from_a_stale_copy(make_order):
+    order = make_order()
+    Order.objects.filter(pk=order.pk).update(attempt_count=5)
+    update_row(Order, order.pk, {"attempt_count": Add(1), "retry_count": Add(2)})
+    order.refresh_from_db()
+    assert (order.attempt_count, order.retry_count) == (6, 2)
+
+
+def test_an_inserted_row_takes_model_defaults_and_reads_back_as_written(make_order):
+    order = make_order()
+    pk = insert_row(CloseAttempt, {"order_id": order.pk, "merchant": "default", "mch_id": order.mch_id,
+                                   "sub_mch_id": order.sub_mch_id, "out_trade_no": order.out_trade_no,
+                                   "trigger": Trigger.COMMAND, "url": "http://x", "sign_type": "MD5",
+                                   "request_xml": "<xml>订单</xml>"})
+    attempt = CloseAttempt.objects.get(pk=pk)
+    assert attempt.request_xml == "<xml>订单</xml>" and attempt.started_at <= timezone.now()
+    assert attempt.completed_at is None and attempt.outcome == "" and attempt.user_id is None
+
+
+def test_completing_an_attempt_twice_keeps_the_first_answer(make_order):
+    attempt = CloseAttempt.start(order=make_order(), merchant="default", mch_id="1", sub_mch_id="2",
+                                 out_trade_no="T1", trigger=Trigger.CODE, url="http://x", sign_type="MD5",
+                                 request_xml="<xml/>")
+    assert attempt.complete(outcome="closed", http_status=200)
+    assert not attempt.complete(outcome="paid")
+    assert CloseAttempt.objects.get(pk=attempt.pk).outcome == "closed"
