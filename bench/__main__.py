@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/wxpay_bench"
 RESULTS = Path(__file__).parent / "results"
 
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="CI-sized: proves the benchmark runs, measures little")
-    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
-                        help="database to use (created if missing); its sections are skipped if unreachable")
+    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL"),
+                        help=f"database to use, created if missing (default {DEFAULT_POSTGRES}, _quick appended "
+                             "with --quick); its sections are skipped if nothing answers")
     parser.add_argument("--latency", type=float, help="simulator latency in seconds for the sweep sections")
     parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
@@ -33,16 +37,35 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = _parser().parse_args()
+    path = Path(tempfile.gettempdir()) / f"wxpay_bench{_suffix(args)}.lock"
+    with path.open("w") as lock:  # runs of one size share their databases: one at a time
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another `python -m bench` to finish (lock {path})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        run(args)
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """Quick runs get their own databases, so CI or a quick check never empties a full run's tables."""
+    return "_quick" if args.quick else ""
+
+
+def run(args: argparse.Namespace) -> None:
     plan = QUICK if args.quick else FULL
     if args.latency is not None:
         plan = type(plan)(**{**plan.__dict__, "latency": args.latency})
     wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
-    postgres = runner.postgres_backend(args.postgres_url)
-    backends = [b for b in (postgres, runner.sqlite_backend(SQLITE_PATH)) if b is not None]
+    suffix = _suffix(args)
+    postgres_url = args.postgres_url or DEFAULT_POSTGRES + suffix
+    postgres = runner.postgres_backend(postgres_url)
+    sqlite = runner.sqlite_backend(SQLITE_PATH.with_name(f"{SQLITE_PATH.stem}{suffix}{SQLITE_PATH.suffix}"))
+    backends = [b for b in (postgres, sqlite) if b is not None]
     results: dict[str, Any] = {"machine": machine.describe(), "plan": plan.__dict__, "quick": args.quick,
                                "postgres": postgres is not None, "skipped": []}
     if postgres is None:
-        results["skipped"].append(f"PostgreSQL sections: nothing answers at {args.postgres_url}")
+        results["skipped"].append(f"PostgreSQL sections: nothing answers at {postgres_url}")
     output = args.output or RESULTS / ("quick.json" if args.quick else "latest.json")
     started = time.perf_counter()
     with simulator_process(0.0) as instant, simulator_process(plan.latency) as slow:

@@ -71,7 +71,14 @@ def run(*, base_url: str, calls: int, **_unused: Any) -> dict[str, Any]:
     from django_wxpay_close.services import close_order
 
     backlog = iter(list(Order.objects.order_by("pk")[: calls + 50]))
+    actions: Counter[str] = Counter()
+
+    def close_next() -> None:
+        actions[close_order(next(backlog)).action.value] += 1
+
     for _ in range(50):
-        close_order(next(backlog))
-    service = _profile(calls, lambda: close_order(next(backlog)))
+        close_next()
+    service = _profile(calls, close_next)
+    if set(actions) != {"closed"}:
+        raise RuntimeError(f"expected every order closed, got {dict(actions)}")
     return {"calls": calls, "vendor": connection.vendor, "client": client, "close_order": service}
