@@ -8,7 +8,9 @@ prints where every order ended and what the audit trail holds.
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -95,6 +97,8 @@ class Command(BaseCommand):
             f"\nThe simulator received {requests_seen} closeorder requests; the audit trail holds "
             f"{attempts.count()} rows ({attempts.unfinished().count()} unfinished)."
         )
-        self.stdout.write("Browse them: python manage.py createsuperuser, then python manage.py runserver and open "
-                          "http://127.0.0.1:8000/admin/ (start the simulator with: python -m django_wxpay_close.testing "
-                          "--port 8765).")
+        python = Path(sys.executable).relative_to(Path.cwd()) if Path(sys.executable).is_relative_to(Path.cwd()) else "python"
+        self.stdout.write(
+            f"Browse them in the admin (see the README): {python} -m django_wxpay_close.testing --port 8765 & "
+            f"{python} manage.py createsuperuser; {python} manage.py runserver; open http://127.0.0.1:8000/admin/"
+        )
