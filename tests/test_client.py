@@ -419,7 +419,10 @@ def test_an_unknown_err_code_is_unexpected_error_recorded_verbatim(
     assert result.err_code == "TRADE_STATE_ERROR"
 
 
-@pytest.mark.parametrize("echoed", [{"mch_id": "99999999"}, {"appid": "wx0000000000000000"}], ids=["mch_id", "appid"])
+@pytest.mark.parametrize(
+    "echoed", [{"mch_id": "99999999"}, {"appid": "wx0000000000000000"}, {"sub_mch_id": "88888888"}],
+    ids=["mch_id", "appid", "sub_mch_id"],
+)
 def test_a_signed_answer_echoing_another_merchant_is_untrusted(
     wechat: responses.RequestsMock, client: CloseOrderClient, echoed: dict[str, str]
 ) -> None:

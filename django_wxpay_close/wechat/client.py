@@ -32,6 +32,7 @@ CLOSEORDER_PATH = "/pay/closeorder"
 API_KEY_LENGTH = 32
 _OUT_TRADE_NO = re.compile(r"^[A-Za-z0-9_\-|*@]{1,32}$")
 _MAX_ID_LENGTH = 32
+_ECHOED_IDS = frozenset({"appid", "mch_id", "sub_mch_id", "sub_appid"})
 
 
 class InvalidRequestField(ValueError):
@@ -288,12 +289,13 @@ class CloseOrderClient:
             verified = verify_signature(fields, self.merchant.api_key, prepared.sign_type)
         outcome, reason = classify_answer(fields, signature_verified=bool(verified))
         if verified and not self._echoes_request(fields, prepared):
-            outcome, reason = Outcome.UNTRUSTED_RESPONSE, "signed answer echoes another appid/mch_id"
+            outcome, reason = Outcome.UNTRUSTED_RESPONSE, "signed answer echoes another appid/mch_id/sub_mch_id"
         return result(outcome, reason, fields, verified)
 
     @staticmethod
     def _echoes_request(fields: Mapping[str, str], prepared: PreparedClose) -> bool:
-        return all(fields.get(name, sent) == sent for name, sent in prepared.fields.items() if name in ("appid", "mch_id"))
+        """A signed answer about another merchant or sub-merchant must not settle this order."""
+        return all(fields.get(name, sent) == sent for name, sent in prepared.fields.items() if name in _ECHOED_IDS)
 
     def _result(
         self,
