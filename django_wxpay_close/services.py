@@ -138,6 +138,7 @@ class CloseReport:
     halted_merchants: dict[str, str] = field(default_factory=dict)
     started_at: datetime = field(default_factory=timezone.now)
     finished_at: datetime | None = None
+    observer: Callable[[OrderCloseResult], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, result: OrderCloseResult) -> None:
@@ -149,6 +150,12 @@ class CloseReport:
                 self.by_reason[key] += 1
             if result.action is CloseAction.CONFIGURATION_ERROR:
                 self.halted_merchants.setdefault(result.merchant, result.reason)
+            if self.observer:
+                self.observer(result)
+
+    def finish(self) -> CloseReport:
+        self.finished_at = timezone.now()
+        return self
 
     @property
     def total(self) -> int:
@@ -314,13 +321,18 @@ class _CloseRun:
 
     # -- one order ---------------------------------------------------------------------------
 
+    def claim_and_close(self, order: Order) -> OrderCloseResult:
+        """An explicit close (admin, code): claim the order, then close it, or say why it is not sent."""
+        skip = self.claim_one(order, now=timezone.now())
+        return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.close_claimed(order)
+
     def close_claimed(self, order: Order) -> OrderCloseResult:
         """Send closeorder for an order this run has claimed, audit it and apply the answer."""
         merchant_settings = self.settings.merchants.get(order.merchant)
         problem = None
         if order.merchant in self.halted:
             self._release(order)
-            return self._result(order, CloseAction.SKIPPED, MERCHANT_HALTED)
+            return _order_result(order, CloseAction.SKIPPED, MERCHANT_HALTED)
         if merchant_settings is None:
             problem = f"merchant {order.merchant!r} is not in WXPAY_CLOSE['MERCHANTS']"
         elif (order.appid, order.mch_id) != (merchant_settings.merchant.appid, merchant_settings.merchant.mch_id):
@@ -331,16 +343,16 @@ class _CloseRun:
         if problem:
             self.halt(order.merchant, problem)
             self._release(order, last_outcome=Outcome.CONFIGURATION_ERROR.value, last_error=problem)
-            return self._result(order, CloseAction.CONFIGURATION_ERROR, problem)
+            return _order_result(order, CloseAction.CONFIGURATION_ERROR, problem)
 
         client = self.client_for(order.merchant)
         try:
             prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
         except InvalidRequestField as exc:
             self._release(order, on_hold=True, last_outcome=Outcome.CLIENT_BUG.value, last_error=str(exc))
-            return self._result(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}")
+            return _order_result(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}")
         if not self._keep_claim(order):
-            return self._result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
+            return _order_result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
 
         attempt = CloseAttempt.start(
             order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
@@ -368,7 +380,7 @@ class _CloseRun:
                        "outcome": outcome.value, "action": action.value, "duration_ms": attempt.duration_ms,
                        "attempt_id": attempt.pk},
             )
-            return self._result(order, action, reason, outcome=outcome, attempt=attempt, duration=result.elapsed)
+            return _order_result(order, action, reason, outcome=outcome, attempt=attempt, duration=result.elapsed)
 
         if outcome.order_is_closed or outcome is Outcome.PAID:
             target, stamp = (OrderState.PAID, "paid_at") if outcome is Outcome.PAID else (OrderState.CLOSED, "closed_at")
@@ -431,13 +443,14 @@ class _CloseRun:
         order.last_outcome, order.last_error = bookkeeping["last_outcome"], bookkeeping["last_error"]
         return True
 
-    @staticmethod
-    def _result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
-                attempt: CloseAttempt | None = None, duration: float = 0.0) -> OrderCloseResult:
-        return OrderCloseResult(
-            order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action,
-            reason=reason, outcome=outcome, attempt_id=attempt.pk if attempt else None, duration=duration,
-        )
+
+
+def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
+                  attempt: CloseAttempt | None = None, duration: float = 0.0) -> OrderCloseResult:
+    return OrderCloseResult(
+        order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action,
+        reason=reason, outcome=outcome, attempt_id=attempt.pk if attempt else None, duration=duration,
+    )
 
 
 class _WorkerPool:
@@ -492,9 +505,7 @@ def _guarded(handle: Callable[[Order], OrderCloseResult], order: Order) -> Order
 def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) -> OrderCloseResult:
     """Close one order now (if it is open, old enough and not in flight elsewhere); `order` is refreshed."""
     _require_autocommit()
-    run = _CloseRun(load_settings(), trigger=trigger, user=user)
-    skip = run.claim_one(order, now=timezone.now())
-    result = run._result(order, CloseAction.SKIPPED, skip) if skip else _guarded(run.close_claimed, order)
+    result = _guarded(_CloseRun(load_settings(), trigger=trigger, user=user).claim_and_close, order)
     order.refresh_from_db()
     return result
 
@@ -507,25 +518,14 @@ def close_orders(
     _require_autocommit()
     settings = load_settings()
     run = _CloseRun(settings, trigger=trigger, user=user)
-    report = CloseReport()
-
-    def record(result: OrderCloseResult) -> None:
-        report.add(result)
-        if on_result:
-            on_result(result)
-
-    def claim_and_close(order: Order) -> OrderCloseResult:
-        skip = run.claim_one(order, now=timezone.now())
-        return run._result(order, CloseAction.SKIPPED, skip) if skip else run.close_claimed(order)
-
-    pool = _WorkerPool(workers or settings.workers, claim_and_close, record)
+    report = CloseReport(observer=on_result)
+    pool = _WorkerPool(workers or settings.workers, run.claim_and_close, report.add)
     try:
         for order in orders:
             pool.submit(order)
     finally:
         pool.join()
-    report.finished_at = timezone.now()
-    return report
+    return report.finish()
 
 
 def sweep_expired_orders(
@@ -548,24 +548,18 @@ def sweep_expired_orders(
     _require_autocommit()
     settings = load_settings()
     run = _CloseRun(settings, trigger=trigger)
-    report = CloseReport()
+    report = CloseReport(observer=on_result)
     batch_size = batch_size or settings.batch_size
     workers = workers or settings.workers
-
-    def record(result: OrderCloseResult) -> None:
-        report.add(result)
-        if on_result:
-            on_result(result)
 
     if dry_run:
         due = orders_due_for_closing(now=timezone.now(), min_order_age=settings.min_order_age,
                                      merchants=merchants, older_than=older_than)
         for order in (due[:limit] if limit else due).iterator(chunk_size=batch_size):
-            record(run._result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
-        report.finished_at = timezone.now()
-        return report
+            report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
+        return report.finish()
 
-    pool = _WorkerPool(workers, run.close_claimed, record)
+    pool = _WorkerPool(workers, run.close_claimed, report.add)
     claimed_total = 0
     try:
         while limit is None or claimed_total < limit:
@@ -578,9 +572,7 @@ def sweep_expired_orders(
                 pool.submit(order)
     finally:
         pool.join()
-    report.halted_merchants.update(run.halted)
-    report.finished_at = timezone.now()
-    return report
+    return report.finish()
 
 
 def create_order(
