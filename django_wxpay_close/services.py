@@ -239,8 +239,11 @@ def _send_signal(signal: Any, order: Order, **kwargs: Any) -> None:
 class _CloseRun:
     """One caller's batch: shared settings, clients, and the merchants halted in this run."""
 
-    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None) -> None:
+    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int | None = None) -> None:
         self.settings = settings
+        # Every worker thread keeps its own connection to WeChat: a pool smaller than the workers would
+        # open and drop a TCP (and TLS) connection for each request beyond it.
+        self.pool_size = max(workers or 0, settings.workers)
         self.trigger = trigger
         self.user = user if getattr(user, "pk", None) is not None else None
         self.actor = self.user.get_username() if self.user is not None else ""
@@ -251,7 +254,7 @@ class _CloseRun:
         s = self.settings
         return _client(
             s.merchants[merchant_name].merchant, s.base_urls, s.connect_timeout, s.read_timeout,
-            s.max_response_bytes, s.workers,
+            s.max_response_bytes, self.pool_size,
         )
 
     def halt(self, merchant_name: str, reason: str) -> None:
@@ -517,9 +520,10 @@ def close_orders(
     """Close several chosen orders (the admin action) with a bounded pool of worker threads."""
     _require_autocommit()
     settings = load_settings()
-    run = _CloseRun(settings, trigger=trigger, user=user)
+    workers = workers or settings.workers
+    run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
     report = CloseReport(observer=on_result)
-    pool = _WorkerPool(workers or settings.workers, run.claim_and_close, report.add)
+    pool = _WorkerPool(workers, run.claim_and_close, report.add)
     try:
         for order in orders:
             pool.submit(order)
@@ -547,10 +551,10 @@ def sweep_expired_orders(
     """
     _require_autocommit()
     settings = load_settings()
-    run = _CloseRun(settings, trigger=trigger)
-    report = CloseReport(observer=on_result)
     batch_size = batch_size or settings.batch_size
     workers = workers or settings.workers
+    run = _CloseRun(settings, trigger=trigger, workers=workers)
+    report = CloseReport(observer=on_result)
 
     if dry_run:
         due = orders_due_for_closing(now=timezone.now(), min_order_age=settings.min_order_age,

@@ -326,6 +326,17 @@ def test_the_sweep_sends_each_order_exactly_once_with_many_workers(make_order, s
     assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 60
 
 
+def test_a_sweep_with_more_workers_than_configured_keeps_one_connection_per_worker(make_order, simulator):
+    # WORKERS is 4 in settings; a run with 12 must not open and drop a connection (a TLS handshake at
+    # WeChat) for every request beyond the 4th.
+    simulator.latency = 0.05
+    for _ in range(72):
+        make_order()
+    report = sweep_expired_orders(workers=12, batch_size=24)
+    assert report.by_action == {CloseAction.CLOSED: 72}
+    assert simulator.connections_opened <= 12
+
+
 # -- the host shop's entry points ---------------------------------------------------------------------
 
 

@@ -218,6 +218,7 @@ class WeChatPaySimulator:
         self._close_counts: Counter[OrderKey] = Counter()
         self._close_counts_by_number: Counter[str] = Counter()
         self._connections: set[socket.socket] = set()
+        self._connections_opened = 0
         self._stopping = threading.Event()
         self._server: _SimulatorHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -354,6 +355,12 @@ class WeChatPaySimulator:
         """A copy of the log, in the order the requests were decided."""
         with self._lock:
             return list(self._log)
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections accepted so far: a client that keeps its connections alive opens one per worker."""
+        with self._lock:
+            return self._connections_opened
 
     def close_requests_for(self, out_trade_no: str) -> int:
         """How many POST /pay/closeorder bodies named this out_trade_no (any merchant, valid or not)."""
@@ -535,6 +542,7 @@ class WeChatPaySimulator:
             if self._stopping.is_set():
                 return False
             self._connections.add(connection)
+            self._connections_opened += 1
             return True
 
     def _untrack(self, connection: socket.socket) -> None:
