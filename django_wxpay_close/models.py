@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .statements import insert_row, update_row
+from .statements import RowUpdate, insert_row, update_rows
 from .wechat import Outcome
 
 out_trade_no_validator = RegexValidator(
@@ -175,11 +175,15 @@ class CloseAttempt(models.Model):
         attempt._state.adding = False
         return attempt
 
+    def completion(self, **fields: Any) -> RowUpdate:
+        """The UPDATE that records the answer, landing only while the row is unfinished (see `update_rows`)."""
+        fields.setdefault("completed_at", timezone.now())
+        return RowUpdate(CloseAttempt, self.pk, fields, where={"completed_at": None})
+
     def complete(self, **fields: Any) -> bool:
         """Record the answer once. False if it was already completed (it is then left untouched)."""
-        fields.setdefault("completed_at", timezone.now())
-        updated = update_row(CloseAttempt, self.pk, fields, where={"completed_at": None})
+        completion = self.completion(**fields)
+        (updated,) = update_rows(completion)
         if updated:
-            for name, value in fields.items():
-                setattr(self, name, value)
+            completion.apply_to(self)
         return bool(updated)

@@ -33,7 +33,7 @@ from . import signals
 from .conf import CloseSettings, load_settings
 from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
 from .selectors import claimable, orders_due_for_closing, why_not_closable
-from .statements import Add, ClearIfClaimedBy, update_row
+from .statements import Add, ClearIfClaimedBy, RowUpdate, update_rows
 from .wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, validate_out_trade_no
 
 __all__ = [
@@ -318,9 +318,13 @@ class _CloseRun:
 
     def _release(self, order: Order, **updates: Any) -> int:
         """Clear our claim (only if still ours) and apply bookkeeping; the state is left as it is."""
+        return update_rows(self._release_update(order, **updates))[0]
+
+    @staticmethod
+    def _release_update(order: Order, **updates: Any) -> RowUpdate:
         mine = ClearIfClaimedBy(order.claim_token)
         # claim_token last: MySQL/MariaDB apply SET assignments left to right, each seeing the ones before it.
-        return update_row(Order, order.pk, {**updates, "claim_expires_at": mine, "claim_token": mine})
+        return RowUpdate(Order, order.pk, {**updates, "claim_expires_at": mine, "claim_token": mine})
 
     # -- one order ---------------------------------------------------------------------------
 
@@ -363,11 +367,35 @@ class _CloseRun:
             url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
         )
         result = client.send(prepared)
-        attempt.complete(**_audit_answer(result))
         return self._apply(order, attempt, result)
 
     def _apply(self, order: Order, attempt: CloseAttempt, result: CloseResult) -> OrderCloseResult:
+        """Record the answer on the audit row and its consequence on the order, in one write where possible."""
         now = timezone.now()
+        decision = self._decide(order, result, now)
+        completion = attempt.completion(completed_at=now, **_audit_answer(result))
+        completed, changed = update_rows(completion, decision.update)
+        if completed:
+            completion.apply_to(attempt)
+        action, reason = decision.action, decision.reason
+        if changed:
+            decision.update.apply_to(order)
+            if decision.signal is not None:
+                _send_signal(decision.signal, order, attempt=attempt, **decision.signal_kwargs)
+        else:  # a state change found the order no longer in the state the close started from
+            self._release(order, **decision.bookkeeping)
+            order.refresh_from_db(fields=["state"])
+            action, reason = CloseAction.FAILED, f"WeChat answered {result.outcome.value} but the order is now {order.state}"
+        logger.info(
+            "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
+            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
+                   "outcome": result.outcome.value, "action": action.value, "duration_ms": attempt.duration_ms,
+                   "attempt_id": attempt.pk},
+        )
+        return _order_result(order, action, reason, outcome=result.outcome, attempt=attempt, duration=result.elapsed)
+
+    def _decide(self, order: Order, result: CloseResult, now: datetime) -> _Decision:
+        """What WeChat's answer means for the order (PROTOCOL.md's outcome table); nothing is written here."""
         outcome = result.outcome
         bookkeeping: dict[str, Any] = {
             "attempt_count": Add(1),
@@ -375,77 +403,62 @@ class _CloseRun:
             "last_outcome": outcome.value,
             "last_error": result.reason,
         }
+        failed = {"outcome": outcome, "reason": result.reason}
 
-        def finish(action: CloseAction, reason: str = result.reason) -> OrderCloseResult:
-            logger.info(
-                "closeorder %s: %s%s", order.out_trade_no, outcome.value, f" ({reason})" if reason else "",
-                extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
-                       "outcome": outcome.value, "action": action.value, "duration_ms": attempt.duration_ms,
-                       "attempt_id": attempt.pk},
-            )
-            return _order_result(order, action, reason, outcome=outcome, attempt=attempt, duration=result.elapsed)
+        def keep_open(action: CloseAction, signal: Any, reason: str = result.reason,
+                      signal_kwargs: dict[str, Any] = failed, **updates: Any) -> _Decision:
+            return _Decision(action, reason, self._release_update(order, **bookkeeping, **updates), bookkeeping,
+                             signal, signal_kwargs)
 
-        if outcome.order_is_closed or outcome is Outcome.PAID:
-            target, stamp = (OrderState.PAID, "paid_at") if outcome is Outcome.PAID else (OrderState.CLOSED, "closed_at")
-            if not self._transition(order, target, now, bookkeeping, retry_count=0, next_attempt_at=None, **{stamp: now}):
-                return finish(CloseAction.FAILED, f"WeChat answered {outcome.value} but the order is now {order.state}")
-            if outcome is Outcome.PAID:
-                _send_signal(signals.order_found_paid, order, attempt=attempt)
-                return finish(CloseAction.FOUND_PAID)
-            _send_signal(signals.order_closed, order, attempt=attempt, already_closed=outcome is Outcome.ALREADY_CLOSED)
-            return finish(CloseAction.ALREADY_CLOSED if outcome is Outcome.ALREADY_CLOSED else CloseAction.CLOSED)
+        def change_state(target: str, action: CloseAction, signal: Any, reason: str = result.reason,
+                         signal_kwargs: dict[str, Any] | None = None, **updates: Any) -> _Decision:
+            """Conditional on the state the close started from: if that moved, nothing lands (see _apply)."""
+            if target not in ALLOWED_TRANSITIONS[order.state]:
+                raise InvalidTransition(f"{order.state} -> {target} is not an allowed transition")
+            values = {"state": target, "state_changed_at": now, "claim_token": None, "claim_expires_at": None,
+                      **bookkeeping, **updates}
+            update = RowUpdate(Order, order.pk, values, where={"state": order.state})
+            return _Decision(action, reason, update, bookkeeping, signal, signal_kwargs or {})
 
+        if outcome is Outcome.PAID:
+            return change_state(OrderState.PAID, CloseAction.FOUND_PAID, signals.order_found_paid,
+                                retry_count=0, next_attempt_at=None, paid_at=now)
+        if outcome.order_is_closed:
+            already = outcome is Outcome.ALREADY_CLOSED
+            return change_state(OrderState.CLOSED, CloseAction.ALREADY_CLOSED if already else CloseAction.CLOSED,
+                                signals.order_closed, signal_kwargs={"already_closed": already},
+                                retry_count=0, next_attempt_at=None, closed_at=now)
         if outcome.halts_merchant:
             self.halt(order.merchant, result.reason)
-            self._release(order, **bookkeeping, next_attempt_at=now + self.settings.retry_backoff)
-            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
-            return finish(CloseAction.CONFIGURATION_ERROR)
-
+            return keep_open(CloseAction.CONFIGURATION_ERROR, signals.close_failed,
+                             next_attempt_at=now + self.settings.retry_backoff)
         if outcome.needs_attention:
-            self._release(order, **bookkeeping, on_hold=True)
-            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
-            return finish(CloseAction.PUT_ON_HOLD)
+            return keep_open(CloseAction.PUT_ON_HOLD, signals.close_failed, on_hold=True)
 
         retries = order.retry_count + 1
         if retries < self.settings.max_attempts:
-            delay = self.settings.retry_delay(retries)
-            self._release(order, **bookkeeping, retry_count=Add(1), next_attempt_at=now + delay)
-            _send_signal(signals.close_failed, order, attempt=attempt, outcome=outcome, reason=result.reason)
-            return finish(CloseAction.RETRY_SCHEDULED)
-
+            return keep_open(CloseAction.RETRY_SCHEDULED, signals.close_failed, retry_count=Add(1),
+                             next_attempt_at=now + self.settings.retry_delay(retries))
         exhausted = f"gave up after {retries} attempts; last: {result.reason or outcome.value}"
+        exhausted_kwargs = {"outcome": outcome, "reason": exhausted}
         if outcome is Outcome.NOT_FOUND:
             # PROTOCOL.md: after the last retry an ORDERNOTEXIST order is terminal and can never be paid.
-            if not self._transition(order, OrderState.UNKNOWN_TO_WECHAT, now, bookkeeping, retry_count=retries):
-                return finish(CloseAction.FAILED, f"WeChat answered {outcome.value} but the order is now {order.state}")
-            action = CloseAction.MARKED_UNKNOWN
-        else:
-            self._release(order, **bookkeeping, retry_count=retries, on_hold=True)
-            action = CloseAction.PUT_ON_HOLD
-        _send_signal(signals.close_attempts_exhausted, order, attempt=attempt, outcome=outcome, reason=exhausted)
-        return finish(action, exhausted)
+            return change_state(OrderState.UNKNOWN_TO_WECHAT, CloseAction.MARKED_UNKNOWN,
+                                signals.close_attempts_exhausted, exhausted, exhausted_kwargs, retry_count=retries)
+        return keep_open(CloseAction.PUT_ON_HOLD, signals.close_attempts_exhausted, exhausted, exhausted_kwargs,
+                         retry_count=retries, on_hold=True)
 
-    def _transition(self, order: Order, target: str, now: datetime, bookkeeping: dict[str, Any], **updates: Any) -> bool:
-        """Conditional state change from the state the close started from; False if the state moved."""
-        source = order.state
-        if target not in ALLOWED_TRANSITIONS[source]:
-            raise InvalidTransition(f"{source} -> {target} is not an allowed transition")
-        changed = update_row(
-            Order, order.pk,
-            {"state": target, "state_changed_at": now, "claim_token": None, "claim_expires_at": None,
-             **bookkeeping, **updates},
-            where={"state": source},
-        )
-        if not changed:
-            self._release(order, **bookkeeping)
-            order.refresh_from_db(fields=["state"])
-            return False
-        order.state, order.state_changed_at, order.claim_token, order.claim_expires_at = target, now, None, None
-        for name, value in updates.items():
-            setattr(order, name, value)
-        order.last_outcome, order.last_error = bookkeeping["last_outcome"], bookkeeping["last_error"]
-        return True
 
+@dataclass(frozen=True)
+class _Decision:
+    """An answer's consequence: the order's UPDATE, then the action, reason and signal reported if it lands."""
+
+    action: CloseAction
+    reason: str
+    update: RowUpdate
+    bookkeeping: dict[str, Any]  # written alone (with the claim released) if a state change does not land
+    signal: Any = None
+    signal_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
