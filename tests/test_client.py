@@ -17,6 +17,7 @@ import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from django_wxpay_close import __version__
+from django_wxpay_close import testing as simulated
 from django_wxpay_close.wechat import (
     CLOSEORDER_PATH,
     CloseOrderClient,
@@ -665,3 +666,23 @@ def test_the_api_key_appears_in_no_repr_body_error_or_log_record(
     assert any(record.name.startswith("urllib3") for record in caplog.records), "the real connection attempt logs"
     texts += [record.getMessage() for record in caplog.records] + [caplog.text]
     assert [text for text in texts if "LEAK" in text] == []
+
+
+SIMULATED_MERCHANT = Merchant(appid=simulated.APPID, mch_id=simulated.MCH_ID, sub_mch_id=simulated.SUB_MCH_ID,
+                              api_key=simulated.API_KEY)
+
+
+def test_successive_closes_reuse_one_kept_alive_connection() -> None:
+    with simulated.WeChatPaySimulator(unknown_orders="open") as simulator, \
+            CloseOrderClient(SIMULATED_MERCHANT, base_urls=[simulator.base_url]) as client:
+        outcomes = {client.close_order(f"KEEP{n}").outcome for n in range(5)}
+        assert outcomes == {Outcome.CLOSED} and simulator.connections_opened == 1
+
+
+def test_a_client_whose_connections_were_closed_connects_again() -> None:
+    with simulated.WeChatPaySimulator(unknown_orders="open") as simulator, \
+            CloseOrderClient(SIMULATED_MERCHANT, base_urls=[simulator.base_url]) as client:
+        assert client.close_order("AGAIN1").outcome is Outcome.CLOSED
+        client.close()
+        assert client.close_order("AGAIN2").outcome is Outcome.CLOSED
+        assert simulator.connections_opened == 2

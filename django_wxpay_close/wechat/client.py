@@ -13,6 +13,7 @@ from typing import Any
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from .outcomes import Outcome, classify_answer
 from .signing import SignType, compute_signature, new_nonce, verify_signature
@@ -142,6 +143,44 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _FixedRouteAdapter(HTTPAdapter):
+    """An HTTPAdapter for a client that only posts to a few URLs whose proxy and TLS settings never change.
+
+    Both overrides are requests' documented subclassing hooks, and both skip per-call work whose answer is
+    fixed: finding the connection pool of a URL (re-parsing it and checking the CA path on disk each time),
+    and filling a cookie jar and guessing a text encoding for answers whose bytes we parse ourselves.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pools: dict[tuple[Any, ...], Any] = {}
+
+    def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: Any,
+                                        proxies: Mapping[str, str] | None = None, cert: Any = None) -> Any:
+        key = (request.url, verify, cert, tuple(sorted(proxies.items())) if proxies else ())
+        pool = self._pools.get(key)
+        if pool is None or pool.pool is None:  # first use, or the pool was closed (its queue is then None)
+            pool = self._pools[key] = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        return pool
+
+    def close(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:  # urllib3's PoolManager forgets its pools on clear() but leaves them open
+            pool.close()
+        super().close()
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url or ""
+        response.request = req
+        response.connection = self
+        return response
+
+
 def _never_connected(exc: requests.RequestException) -> bool:
     """True when the request cannot have reached the server (refused, unresolvable, connect timeout)."""
     if isinstance(exc, requests.ConnectTimeout):
@@ -179,7 +218,7 @@ class CloseOrderClient:
         self.deadline = connect_timeout + read_timeout  # per URL, body download included
         self.max_response_bytes = max_response_bytes
         self.session = requests.Session()
-        self._adapter = HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1), max_retries=0)
+        self._adapter = _FixedRouteAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1), max_retries=0)
         self.session.mount("https://", self._adapter)
         self.session.mount("http://", self._adapter)
         self.session.headers.update(
