@@ -392,6 +392,39 @@ def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
 
 
+def test_a_failure_writing_one_answer_is_reported_for_it_and_the_other_answers_are_written(make_order, monkeypatch):
+    from django_wxpay_close import services
+
+    orders = [make_order() for _ in range(4)]
+    broken = orders[2].out_trade_no
+    original = services._CloseRun.record
+
+    def record(run: Any, answered: Any) -> Any:
+        if answered.order.out_trade_no == broken:
+            raise RuntimeError("the database went away")
+        return original(run, answered)
+
+    monkeypatch.setattr(services._CloseRun, "record", record)
+    report = sweep_expired_orders(workers=3)
+    assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1}
+    states = dict(Order.objects.values_list("out_trade_no", "state"))
+    assert states.pop(broken) == OrderState.OPEN and set(states.values()) == {OrderState.CLOSED}
+    assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
+
+
+def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, simulator):
+    for _ in range(12):
+        make_order()
+    seen_in_database = []
+
+    def on_result(result: Any) -> None:
+        seen_in_database.append(Order.objects.get(pk=result.order_id).state)
+
+    report = sweep_expired_orders(workers=4, on_result=on_result)
+    assert report.by_action == {CloseAction.CLOSED: 12}
+    assert seen_in_database == [OrderState.CLOSED] * 12
+
+
 def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(make_order, simulator):
     order = make_order()
     simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
