@@ -28,10 +28,10 @@ class Plan:
 FULL = Plan(
     client_calls=3000, client_repeats=3,
     service_orders=500, service_repeats=5,
-    latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=3,
+    latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=5,
     pool_calls=2000, pool_repeats=3,
     ceiling_calls=2000, ceiling_repeats=3,
-    processes_orders=5000, process_layouts=((1, 32), (2, 16), (2, 32)), processes_repeats=2,
+    processes_orders=10000, process_layouts=((1, 32), (2, 16), (2, 32)), processes_repeats=3,
     memory_orders=(10_000, 100_000),
 )
 

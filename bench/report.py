@@ -74,11 +74,13 @@ def render(results: dict[str, Any]) -> str:
         out += _table(["who", "closes/s", "cores (process)", "cores (machine)"], rows) + [""]
     if processes := results.get("processes"):
         out += [f"### Sweeper processes sharing one database and one backlog of {processes['orders']} orders", ""]
-        rows = [[name, _fig(r["closes_per_s"]), _fig(r["to_first"], "{:.2f}"), _fig(r["seconds"], "{:.1f}"),
-                 _fig(r["machine_busy_cores"], "{:.2f}")] for name, r in processes["layouts"].items()]
+        rows = [[name, _fig(r["window_closes_per_s"]), f"{r['limit_per_s']:.0f}" if r["limit_per_s"] else "–",
+                 _pct(r["of_limit"]) if r["of_limit"] else "–", _fig(r["to_first"], "{:.2f}"),
+                 _fig(r["seconds"], "{:.1f}"), _fig(r["machine_busy_cores"], "{:.2f}")]
+                for name, r in processes["layouts"].items()]
         first = next(iter(processes["layouts"]))
-        out += _table(["processes × workers", "closes/s", f"÷ {first}", "seconds for the backlog",
-                       "cores (machine)"], rows) + [""]
+        out += _table(["processes × workers", "closes/s", "limit/s", "of limit", f"whole run ÷ {first}",
+                       "seconds for the backlog", "cores (machine)"], rows) + [""]
     if memory := results.get("memory"):
         out += ["### Peak RSS of the sweeper process", ""]
         rows = [[orders, "dry run", f"{r['rss_before_sweep_kib'] / 1024:.1f}", f"{r['peak_rss_kib'] / 1024:.1f}"]

@@ -122,10 +122,13 @@ def _processes(backend: Backend, sim: SimulatorProcess, orders: int, workers: in
         started = [runner.start("sweep", backend=backend, base_url=sim.base_url, workers=workers, analyse=False)
                    for _ in range(count)]
         runs = [runner.finish(process) for process in started]
+        busy_cores = busy.stop()
         span = max(r["ended_epoch"] for r in runs) - min(r["started_epoch"] for r in runs)
         handled = sum(r["handled"] for r in runs)
+        # The same windows as the sweep section, over every process's completions together.
+        windows = runner.run("audit", backend=backend)["window_closes_per_s"]
         return {"handled": handled, "per_process": [r["handled"] for r in runs], "seconds": span,
-                "closes_per_s": handled / span, "machine_busy_cores": busy.stop()}
+                "closes_per_s": handled / span, "window_closes_per_s": windows, "machine_busy_cores": busy_cores}
 
     return once
 
@@ -136,10 +139,19 @@ def sweeper_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> di
              for count, workers in plan.process_layouts}
     runs = alternate(sides, plan.processes_repeats)
     baseline = [r["closes_per_s"] for r in next(iter(runs.values()))]
+    limits = {f"{count} × {workers}": count * workers / sim.latency if sim.latency else None
+              for count, workers in plan.process_layouts}
+
+    def windowed(samples: list[Sample], limit: float | None) -> dict[str, Any]:
+        throughput = Figure.of([rate for r in samples for rate in r["window_closes_per_s"]])
+        return {"window_closes_per_s": throughput.as_dict(), "limit_per_s": limit,
+                "of_limit": throughput.scaled(1 / limit).as_dict() if limit else None}
+
     return {
         "orders": plan.processes_orders,
         "layouts": {
             name: {
+                **windowed(samples, limits[name]),
                 "closes_per_s": Figure.of([r["closes_per_s"] for r in samples]).as_dict(),
                 "seconds": Figure.of([r["seconds"] for r in samples]).as_dict(),
                 "to_first": ratio([r["closes_per_s"] for r in samples], baseline).as_dict(),

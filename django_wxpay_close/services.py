@@ -527,10 +527,16 @@ class _WorkerPool:
             connections.close_all()
 
 
-class _Recorder:
-    """The sweep's one writer of answers: workers hand it what WeChat said and go back to the network.
+# One writer per this many sweep workers: a writer takes about 1.5 ms per answer on a busy 2-core machine,
+# so one keeps up with 16 workers at a 25 ms round trip; at zero latency one writer capped the sweep at
+# ~560 closes/s and two at ~615 (docs/performance.md).
+WORKERS_PER_RECORDER = 16
 
-    Taking the write off each close's path shortens every close by a database round trip, and one thread
+
+class _Recorder:
+    """The sweep's writers of answers: workers hand them what WeChat said and go back to the network.
+
+    Taking the write off each close's path shortens every close by a database round trip, and a few threads
     writing instead of `workers` means fewer hand-offs of the GIL. (Writing queued answers together in one
     statement was measured too: the longer stretches of Python it takes hold the GIL against the workers,
     and the sweep got slower; docs/performance.md.) An answer is held in memory only from its arrival to
@@ -540,19 +546,24 @@ class _Recorder:
 
     _STOP = object()
 
-    def __init__(self, run: _CloseRun, on_result: Callable[[OrderCloseResult], None], *, queue_size: int) -> None:
+    def __init__(self, run: _CloseRun, on_result: Callable[[OrderCloseResult], None], *, queue_size: int,
+                 threads: int = 1) -> None:
         self._run = run
         self._on_result = on_result
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # full: the workers wait for the writer
-        self._thread = threading.Thread(target=self._work, name="wxpay-record", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"wxpay-record-{n}", daemon=True)
+                         for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, answered: _Answered) -> None:
         self._queue.put(answered)
 
     def join(self) -> None:
-        self._queue.put(self._STOP)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        for thread in self._threads:
+            thread.join()
 
     def _work(self) -> None:
         try:
@@ -640,7 +651,7 @@ def sweep_expired_orders(
             report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
         return report.finish()
 
-    recorder = _Recorder(run, report.add, queue_size=workers * 2)
+    recorder = _Recorder(run, report.add, queue_size=workers * 2, threads=max(1, workers // WORKERS_PER_RECORDER))
     run.record_later = recorder.submit
     pool = _WorkerPool(workers, run.close_claimed, report.add)
     claimed_total = 0

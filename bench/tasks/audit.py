@@ -1,0 +1,14 @@
+"""Throughput read back from the audit rows of every sweeper that shared the database (see tasks/sweep.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import django_env
+
+
+def run(**_unused: Any) -> dict[str, Any]:
+    django_env.setup()
+    from .sweep import _from_audit_rows
+
+    return _from_audit_rows()
