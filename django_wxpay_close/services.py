@@ -527,10 +527,10 @@ class _WorkerPool:
             connections.close_all()
 
 
-# One writer per this many sweep workers: a writer takes about 1.5 ms per answer on a busy 2-core machine,
-# so one keeps up with 16 workers at a 25 ms round trip; at zero latency one writer capped the sweep at
-# ~560 closes/s and two at ~615 (docs/performance.md).
-WORKERS_PER_RECORDER = 16
+# One writer per this many sweep workers. With 32 workers and a 50 ms round trip one writer swept a little
+# faster than two (82 % of the latency limit against 80 %, alternated runs); with no network wait two went
+# further than one (~615 closes/s against ~560). Real round trips to WeChat are tens of milliseconds.
+WORKERS_PER_RECORDER = 32
 
 
 class _Recorder:
