@@ -4,7 +4,8 @@ Rules every function here keeps:
 - An order is *claimed* (a conditional UPDATE with a lease) before its request is built, so two
   callers (cron hosts, the admin, the command) never have closeorder in flight for the same order;
   no database lock is held while the request is in flight.
-- The audit row is written before the request leaves and completed once after it.
+- The audit row is written before the request leaves and completed once after it (in a sweep, by a
+  recorder thread the worker hands the answer to; the result is reported once it is written).
 - A state change is an UPDATE … WHERE state = <the state the close started from>.
 - These functions must not run inside `transaction.atomic()`: a rollback of the caller's
   transaction would erase audit rows of requests that really went out. They raise
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 from django.db import connections, transaction
@@ -490,26 +492,25 @@ def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcom
 
 
 class _WorkerPool:
-    """A bounded pool of threads for the network-bound closes; each thread closes its DB connection on exit.
+    """A bounded pool of threads calling `handle(job)`; each thread closes its DB connection on exit.
 
-    `handle` returns the order's result for `on_result`, or None when the recorder reports it later.
+    `handle` returns the job's result for `on_result`, or None when something else reports it later.
+    `order_of` names the order a job is about, for the log line of an unexpected failure.
     """
 
     _STOP = object()
 
-    def __init__(self, workers: int, handle: Callable[[Order], OrderCloseResult | None],
-                 on_result: Callable[[OrderCloseResult], None]) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=workers * 2)
-        self._handle = handle
-        self._on_result = on_result
-        self._threads = [
-            threading.Thread(target=self._work, name=f"wxpay-close-{n}", daemon=True) for n in range(workers)
-        ]
+    def __init__(self, threads: int, handle: Callable[[Any], OrderCloseResult | None],
+                 on_result: Callable[[OrderCloseResult], None], *, name: str, queue_size: int,
+                 order_of: Callable[[Any], Order] = lambda job: job) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # full: the submitter waits
+        self._handle, self._on_result, self._order_of = handle, on_result, order_of
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(threads)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, order: Order) -> None:
-        self._queue.put(order)
+    def submit(self, job: Any) -> None:
+        self._queue.put(job)
 
     def join(self) -> None:
         for _ in self._threads:
@@ -519,60 +520,23 @@ class _WorkerPool:
 
     def _work(self) -> None:
         try:
-            while (order := self._queue.get()) is not self._STOP:
-                result = _guarded(order, lambda: self._handle(order))
+            while (job := self._queue.get()) is not self._STOP:
+                result = _guarded(self._order_of(job), lambda: self._handle(job))
                 if result is not None:
                     self._on_result(result)
         finally:
             connections.close_all()
 
 
-# One writer per this many sweep workers. With 32 workers and a 50 ms round trip one writer swept a little
-# faster than two (82 % of the latency limit against 80 %, alternated runs); with no network wait two went
-# further than one (~615 closes/s against ~560). Real round trips to WeChat are tens of milliseconds.
+# The sweep's answers are written by recorder threads, one per this many workers: a worker hands its answer
+# over and goes straight back to the network, which takes a database round trip off every close, and a few
+# writers instead of `workers` hand the GIL around less. With 32 workers and a 50 ms round trip one writer
+# swept a little faster than two (82 % of the latency limit against 80 %, alternated runs); with no network
+# wait two went further (~615 closes/s against ~560). Writing queued answers together in one statement was
+# slower still: building it holds the GIL against the workers (docs/performance.md). An answer waits in
+# memory only until its write; a crash in between leaves what any crash mid-request leaves: an unfinished
+# audit row and a claim that lapses (docs/reliability.md).
 WORKERS_PER_RECORDER = 32
-
-
-class _Recorder:
-    """The sweep's writers of answers: workers hand them what WeChat said and go back to the network.
-
-    Taking the write off each close's path shortens every close by a database round trip, and a few threads
-    writing instead of `workers` means fewer hand-offs of the GIL. (Writing queued answers together in one
-    statement was measured too: the longer stretches of Python it takes hold the GIL against the workers,
-    and the sweep got slower; docs/performance.md.) An answer is held in memory only from its arrival to
-    its write; a crash in between leaves what any crash mid-request leaves: an unfinished audit row and a
-    claim that lapses (docs/reliability.md).
-    """
-
-    _STOP = object()
-
-    def __init__(self, run: _CloseRun, on_result: Callable[[OrderCloseResult], None], *, queue_size: int,
-                 threads: int = 1) -> None:
-        self._run = run
-        self._on_result = on_result
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # full: the workers wait for the writer
-        self._threads = [threading.Thread(target=self._work, name=f"wxpay-record-{n}", daemon=True)
-                         for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, answered: _Answered) -> None:
-        self._queue.put(answered)
-
-    def join(self) -> None:
-        for _ in self._threads:
-            self._queue.put(self._STOP)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self) -> None:
-        try:
-            while (answered := self._queue.get()) is not self._STOP:
-                result = _guarded(answered.order, lambda: self._run.record(answered))
-                if result is not None:
-                    self._on_result(result)
-        finally:
-            connections.close_all()
 
 
 def _guarded(order: Order, close: Callable[[], OrderCloseResult | None]) -> OrderCloseResult | None:
@@ -611,7 +575,7 @@ def close_orders(
     workers = workers or settings.workers
     run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
     report = CloseReport(observer=on_result)
-    pool = _WorkerPool(workers, run.claim_and_close, report.add)
+    pool = _WorkerPool(workers, run.claim_and_close, report.add, name="wxpay-close", queue_size=workers * 2)
     try:
         for order in orders:
             pool.submit(order)
@@ -651,9 +615,10 @@ def sweep_expired_orders(
             report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
         return report.finish()
 
-    recorder = _Recorder(run, report.add, queue_size=workers * 2, threads=max(1, workers // WORKERS_PER_RECORDER))
+    recorder = _WorkerPool(max(1, workers // WORKERS_PER_RECORDER), run.record, report.add, name="wxpay-record",
+                           queue_size=workers * 2, order_of=attrgetter("order"))
     run.record_later = recorder.submit
-    pool = _WorkerPool(workers, run.close_claimed, report.add)
+    pool = _WorkerPool(workers, run.close_claimed, report.add, name="wxpay-close", queue_size=workers * 2)
     claimed_total = 0
     try:
         while limit is None or claimed_total < limit:
