@@ -532,8 +532,8 @@ class _WorkerPool:
 # over and goes straight back to the network, which takes a database round trip off every close, and a few
 # writers instead of `workers` hand the GIL around less. With 32 workers and a 50 ms round trip one writer
 # swept a little faster than two (82 % of the latency limit against 80 %, alternated runs); with no network
-# wait two went further (~615 closes/s against ~560). Writing queued answers together in one statement was
-# slower still: building it holds the GIL against the workers (docs/performance.md). An answer waits in
+# wait two sometimes went further, within the noise. Writing queued answers together in one statement was
+# slower: building it holds the GIL against the workers (docs/performance.md). An answer waits in
 # memory only until its write; a crash in between leaves what any crash mid-request leaves: an unfinished
 # audit row and a claim that lapses (docs/reliability.md).
 WORKERS_PER_RECORDER = 32
