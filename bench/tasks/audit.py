@@ -9,6 +9,6 @@ from .. import django_env
 
 def run(**_unused: Any) -> dict[str, Any]:
     django_env.setup()
-    from .sweep import _from_audit_rows
+    from .sweep import from_audit_rows
 
-    return _from_audit_rows()
+    return from_audit_rows()

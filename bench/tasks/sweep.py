@@ -40,11 +40,11 @@ def run(*, workers: int, dry_run: bool = False, analyse: bool = True, **_unused:
         "ended_epoch": ended,
     }
     if analyse and not dry_run:
-        result.update(_from_audit_rows())
+        result.update(from_audit_rows())
     return result
 
 
-def _from_audit_rows() -> dict[str, Any]:
+def from_audit_rows() -> dict[str, Any]:
     """Per-close latency (audit row written → answer recorded) and throughput per window of completions."""
     from django_wxpay_close.models import CloseAttempt
 
