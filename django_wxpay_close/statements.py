@@ -6,6 +6,7 @@ thousands of times in one GIL-bound process. Values still go through each field'
 `get_db_prep_save` / `get_db_prep_value`, so SQLite, PostgreSQL and MariaDB get exactly what the ORM
 would give them. On PostgreSQL the completion and the order's update travel as one statement
 (`update_rows`): one round trip and one commit fewer per close, and the two land together or not at all.
+On PostgreSQL with psycopg 3 these statements also bind their values server-side (`_cursor`).
 Everything else (claims, reads, the admin) uses the ORM.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Model
 
 __all__ = ["Add", "ClearIfClaimedBy", "RowUpdate", "insert_row", "update_row", "update_rows"]
@@ -98,7 +101,7 @@ def update_rows(*updates: RowUpdate, using: str = "default") -> tuple[int, ...]:
     """
     connection = connections[using]
     compiled = [_compile_update(update, connection, using) for update in updates]
-    with connection.cursor() as cursor:
+    with _cursor(connection) as cursor:
         if len(compiled) > 1 and connection.vendor == "postgresql":
             cursor.execute(_combined_sql(tuple(sql for sql, _ in compiled)), [p for _, params in compiled for p in params])
             return tuple(int(count) for count in cursor.fetchone())
@@ -160,8 +163,38 @@ def insert_row(model: type[Model], values: Mapping[str, Any], *, using: str = "d
     params = [
         f.get_db_prep_save(values[f.attname] if f.attname in values else f.get_default(), connection) for f in fields
     ]
-    with connection.cursor() as cursor:
+    with _cursor(connection) as cursor:
         cursor.execute(sql, params)
         if returning:
             return cursor.fetchone()[0]
         return connection.ops.last_insert_id(cursor, model._meta.db_table, model._meta.pk.column)
+
+
+@lru_cache(maxsize=1)
+def _server_binding_cursor_class() -> type | None:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    if not is_psycopg3:
+        return None
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    return ServerBindingCursor
+
+
+def _cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
+    """A cursor for these statements; on PostgreSQL with psycopg 3, one that binds values server-side.
+
+    Django's default psycopg 3 cursor binds client-side: it quotes every value into the SQL text in
+    Python, which for the audit row's two dozen values cost more CPU than the rest of the statement's
+    round trip (docs/performance.md), on the GIL the sweep's workers share. Server-side binding sends
+    them as parameters. It is the cursor Django itself uses with `OPTIONS["server_side_binding"]`, made
+    here for these statements only, and wrapped like any Django cursor (execute wrappers, query logging,
+    error translation). Whether they become prepared statements still follows the connection's
+    `prepare_threshold`, which Django leaves off unless OPTIONS turns it on, so poolers like PgBouncer
+    in transaction mode keep working.
+    """
+    if connection.vendor != "postgresql" or (cursor_class := _server_binding_cursor_class()) is None:
+        return connection.cursor()
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        return connection._prepare_cursor(cursor_class(connection.connection))

@@ -14,6 +14,8 @@ from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import CloseAction, close_order
 from django_wxpay_close.statements import Add, ClearIfClaimedBy, RowUpdate, insert_row, update_row, update_rows
 
+AWKWARD_TEXT = "it's 100% \\ \"quoted\" %s %(name)s $1 订单 -- ; DROP TABLE x"
+
 
 def test_a_release_clears_only_its_own_claim(make_order):
     order = make_order()
@@ -55,6 +57,37 @@ def test_an_inserted_row_takes_model_defaults_and_reads_back_as_written(make_ord
     attempt = CloseAttempt.objects.get(pk=pk)
     assert attempt.request_xml == "<xml>订单</xml>" and attempt.started_at <= timezone.now()
     assert attempt.completed_at is None and attempt.outcome == "" and attempt.user_id is None
+
+
+def test_text_with_quotes_backslashes_placeholders_and_unicode_is_stored_as_given(make_order):
+    order = make_order()
+    attempt = CloseAttempt.start(order=order, merchant="default", mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
+                                 out_trade_no=order.out_trade_no, trigger=Trigger.CODE, url="http://x",
+                                 sign_type="MD5", request_xml=AWKWARD_TEXT)
+    update_rows(attempt.completion(reason=AWKWARD_TEXT, response_body=AWKWARD_TEXT),
+                RowUpdate(Order, order.pk, {"last_error": AWKWARD_TEXT}))
+
+    stored = CloseAttempt.objects.get(pk=attempt.pk)
+    assert stored.request_xml == stored.reason == stored.response_body == AWKWARD_TEXT
+    assert Order.objects.get(pk=order.pk).last_error == AWKWARD_TEXT
+
+
+def test_on_postgresql_the_statements_bind_values_server_side_and_prepare_nothing(make_order):
+    # Server-side binding keeps the quoting of two dozen values off the sweep's GIL; leaving prepare_threshold
+    # as Django sets it (off) keeps PgBouncer in transaction mode working.
+    if connection.vendor != "postgresql":
+        pytest.skip("server-side binding is psycopg 3's; other backends use Django's own cursor")
+    import psycopg
+
+    from django_wxpay_close.statements import _cursor
+
+    with _cursor(connection) as cursor:
+        assert isinstance(cursor.cursor, psycopg.Cursor) and not isinstance(cursor.cursor, psycopg.ClientCursor)
+    for _ in range(8):  # psycopg's own default would prepare a statement on its sixth run
+        assert close_order(make_order()).action is CloseAction.CLOSED
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone()[0] == 0
 
 
 def test_completing_an_attempt_twice_keeps_the_first_answer(make_order):
