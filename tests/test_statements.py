@@ -90,6 +90,23 @@ def test_on_postgresql_the_statements_bind_values_server_side_and_prepare_nothin
         assert cursor.fetchone()[0] == 0
 
 
+def test_on_postgresql_a_prepare_threshold_in_options_prepares_the_statements(make_order):
+    # README: OPTIONS["prepare_threshold"] is how a user without a transaction-mode pooler opts in.
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements here are psycopg 3's")
+    connection.ensure_connection()
+    connection.connection.prepare_threshold = 1  # what OPTIONS["prepare_threshold"] sets on a new connection
+    try:
+        for _ in range(3):
+            assert close_order(make_order()).action is CloseAction.CLOSED
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            prepared = [statement for (statement,) in cursor.fetchall()]
+        assert any(statement.startswith(f'INSERT INTO "{CloseAttempt._meta.db_table}"') for statement in prepared)
+    finally:
+        connection.close()  # the next test gets a connection as Django configures it
+
+
 def test_completing_an_attempt_twice_keeps_the_first_answer(make_order):
     attempt = CloseAttempt.start(order=make_order(), merchant="default", mch_id="1", sub_mch_id="2",
                                  out_trade_no="T1", trigger=Trigger.CODE, url="http://x", sign_type="MD5",
