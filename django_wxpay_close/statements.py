@@ -195,6 +195,8 @@ def _cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
     """
     if connection.vendor != "postgresql" or (cursor_class := _server_binding_cursor_class()) is None:
         return connection.cursor()
+    # The steps of Django's own connection.cursor(), with this cursor class instead of the connection's default.
+    connection.close_if_health_check_failed()
     connection.ensure_connection()
     with connection.wrap_database_errors:
         return connection._prepare_cursor(cursor_class(connection.connection))

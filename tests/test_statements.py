@@ -107,6 +107,25 @@ def test_on_postgresql_a_prepare_threshold_in_options_prepares_the_statements(ma
         connection.close()  # the next test gets a connection as Django configures it
 
 
+def test_on_postgresql_the_statements_reconnect_after_a_failed_health_check_as_django_does(make_order):
+    # With CONN_HEALTH_CHECKS, Django's cursor() replaces a dead connection at its first use in a request;
+    # the statements here open their own cursor and must do the same.
+    if connection.vendor != "postgresql":
+        pytest.skip("the statements have their own cursor on PostgreSQL only")
+    import psycopg
+
+    order = make_order()
+    connection.ensure_connection()
+    params = connection.get_connection_params()
+    address = {key: params[key] for key in ("host", "port", "user", "password", "dbname") if key in params}
+    with psycopg.connect(autocommit=True, **address) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+    connection.health_check_enabled, connection.health_check_done = True, False  # a new request, checks on
+
+    assert update_row(Order, order.pk, {"last_error": "after a reconnect"}) == 1
+    assert Order.objects.get(pk=order.pk).last_error == "after a reconnect"
+
+
 def test_completing_an_attempt_twice_keeps_the_first_answer(make_order):
     attempt = CloseAttempt.start(order=make_order(), merchant="default", mch_id="1", sub_mch_id="2",
                                  out_trade_no="T1", trigger=Trigger.CODE, url="http://x", sign_type="MD5",
