@@ -185,9 +185,9 @@ def _cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
     """A cursor for these statements; on PostgreSQL with psycopg 3, one that binds values server-side.
 
     Django's default psycopg 3 cursor binds client-side: it quotes every value into the SQL text in
-    Python, which for the audit row's two dozen values cost more CPU than the rest of the statement's
-    round trip (docs/performance.md), on the GIL the sweep's workers share. Server-side binding sends
-    them as parameters. It is the cursor Django itself uses with `OPTIONS["server_side_binding"]`, made
+    Python, two dozen of them for the audit row, on the GIL the sweep's workers share. Server-side
+    binding sends them as parameters (a sweep at 32 workers: 64-69 % -> 67-73 % of the latency limit,
+    docs/performance.md). It is the cursor Django itself uses with `OPTIONS["server_side_binding"]`, made
     here for these statements only, and wrapped like any Django cursor (execute wrappers, query logging,
     error translation). Whether they become prepared statements still follows the connection's
     `prepare_threshold`, which Django leaves off unless OPTIONS turns it on, so poolers like PgBouncer
