@@ -72,9 +72,20 @@ def _pool(sender: str, sim: SimulatorProcess, calls: int, workers: int) -> Calla
     return once
 
 
+def _limit(concurrent_requests: int, sim: SimulatorProcess) -> float | None:
+    """The latency limit, closes/s: every request in flight all the time, each taking the simulated latency."""
+    return concurrent_requests / sim.latency if sim.latency else None
+
+
+def _windowed(runs: list[Sample], limit: float | None) -> tuple[Figure, dict[str, Any]]:
+    """Throughput over every window of every run, and its share of `limit` (None: no limit at zero latency)."""
+    throughput = Figure.of([rate for run in runs for rate in run["window_closes_per_s"]])
+    return throughput, {"limit_per_s": limit, "of_limit": throughput.scaled(1 / limit).as_dict() if limit else None}
+
+
 def _summary(runs: list[Sample], limit: float | None) -> dict[str, Any]:
     """Throughput over every window of every run, with latency and CPU medians."""
-    throughput = Figure.of([rate for run in runs for rate in run["window_closes_per_s"]])
+    throughput, against_limit = _windowed(runs, limit)
     summary: dict[str, Any] = {
         "runs": len(runs),
         "closes_per_s": throughput.as_dict(),
@@ -86,8 +97,7 @@ def _summary(runs: list[Sample], limit: float | None) -> dict[str, Any]:
         "whole_run_closes_per_s": [run["closes_per_s"] for run in runs],
     }
     if limit:
-        summary["limit_per_s"] = limit
-        summary["of_limit"] = throughput.scaled(1 / limit).as_dict()
+        summary.update(against_limit)
     return summary
 
 
@@ -98,7 +108,7 @@ def sweep_throughput(plan: Plan, backends: Sequence[Backend], sim: SimulatorProc
         sides = {f"ours/{b.name}": _sweep(b, sim, plan.sweep_orders, workers) for b in backends}
         sides["wechatpy"] = _pool("wechatpy", sim, plan.pool_calls, workers)
         repeats = plan.target_runs if workers == max(plan.workers) else 1
-        limit = workers / sim.latency if sim.latency else None
+        limit = _limit(workers, sim)
         results[str(workers)] = {name: _summary(runs, limit) for name, runs in alternate(sides, repeats).items()}
     return results
 
@@ -139,13 +149,11 @@ def sweeper_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> di
              for count, workers in plan.process_layouts}
     runs = alternate(sides, plan.processes_repeats)
     baseline = [r["closes_per_s"] for r in next(iter(runs.values()))]
-    limits = {f"{count} × {workers}": count * workers / sim.latency if sim.latency else None
-              for count, workers in plan.process_layouts}
+    limits = {f"{count} × {workers}": _limit(count * workers, sim) for count, workers in plan.process_layouts}
 
     def windowed(samples: list[Sample], limit: float | None) -> dict[str, Any]:
-        throughput = Figure.of([rate for r in samples for rate in r["window_closes_per_s"]])
-        return {"window_closes_per_s": throughput.as_dict(), "limit_per_s": limit,
-                "of_limit": throughput.scaled(1 / limit).as_dict() if limit else None}
+        throughput, against_limit = _windowed(samples, limit)
+        return {"window_closes_per_s": throughput.as_dict(), **against_limit}
 
     return {
         "orders": plan.processes_orders,

@@ -23,7 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Model
 
-__all__ = ["Add", "ClearIfClaimedBy", "RowUpdate", "insert_row", "update_row", "update_rows"]
+__all__ = ["Add", "ClearIfClaimedBy", "RowUpdate", "insert_row", "update_rows"]
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,6 @@ def _update_sql(model: type[Model], using: str, sets: tuple[tuple[str, str], ...
         for name, is_null in wheres
     ]
     return f"UPDATE {quote(model._meta.db_table)} SET {', '.join(assignments)} WHERE {' AND '.join(conditions)}"
-
-
-def update_row(model: type[Model], pk: int, values: Mapping[str, Any], *, where: Mapping[str, Any] | None = None,
-               using: str = "default") -> int:
-    """UPDATE one row by primary key, only if `where` holds (None means IS NULL); the number of rows changed."""
-    return update_rows(RowUpdate(model, pk, values, where or {}), using=using)[0]
 
 
 def update_rows(*updates: RowUpdate, using: str = "default") -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import CloseAction, close_order
-from django_wxpay_close.statements import Add, ClearIfClaimedBy, RowUpdate, insert_row, update_row, update_rows
+from django_wxpay_close.statements import Add, ClearIfClaimedBy, RowUpdate, insert_row, update_rows
 
 AWKWARD_TEXT = "it's 100% \\ \"quoted\" %s %(name)s $1 订单 -- ; DROP TABLE x"
 
@@ -23,19 +23,19 @@ def test_a_release_clears_only_its_own_claim(make_order):
     Order.objects.filter(pk=order.pk).update(claim_token=theirs, claim_expires_at=timezone.now() + timedelta(minutes=1))
 
     mine = ClearIfClaimedBy(uuid.uuid4())
-    update_row(Order, order.pk, {"last_error": "x", "claim_expires_at": mine, "claim_token": mine})
+    update_rows(RowUpdate(Order, order.pk, {"last_error": "x", "claim_expires_at": mine, "claim_token": mine}))
     order.refresh_from_db()
     assert order.claim_token == theirs and order.claim_expires_at is not None and order.last_error == "x"
 
     ours = ClearIfClaimedBy(theirs)
-    update_row(Order, order.pk, {"claim_expires_at": ours, "claim_token": ours})
+    update_rows(RowUpdate(Order, order.pk, {"claim_expires_at": ours, "claim_token": ours}))
     order.refresh_from_db()
     assert order.claim_token is None and order.claim_expires_at is None
 
 
 def test_a_conditional_update_changes_nothing_when_its_condition_fails(make_order):
     order = make_order(state=OrderState.PAID)
-    changed = update_row(Order, order.pk, {"state": OrderState.CLOSED}, where={"state": OrderState.OPEN})
+    (changed,) = update_rows(RowUpdate(Order, order.pk, {"state": OrderState.CLOSED}, where={"state": OrderState.OPEN}))
     order.refresh_from_db()
     assert changed == 0 and order.state == OrderState.PAID
 
@@ -43,7 +43,7 @@ def test_a_conditional_update_changes_nothing_when_its_condition_fails(make_orde
 def test_add_increments_in_the_database_not_from_a_stale_copy(make_order):
     order = make_order()
     Order.objects.filter(pk=order.pk).update(attempt_count=5)
-    update_row(Order, order.pk, {"attempt_count": Add(1), "retry_count": Add(2)})
+    update_rows(RowUpdate(Order, order.pk, {"attempt_count": Add(1), "retry_count": Add(2)}))
     order.refresh_from_db()
     assert (order.attempt_count, order.retry_count) == (6, 2)
 
@@ -122,7 +122,7 @@ def test_on_postgresql_the_statements_reconnect_after_a_failed_health_check_as_d
         admin.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
     connection.health_check_enabled, connection.health_check_done = True, False  # a new request, checks on
 
-    assert update_row(Order, order.pk, {"last_error": "after a reconnect"}) == 1
+    assert update_rows(RowUpdate(Order, order.pk, {"last_error": "after a reconnect"})) == (1,)
     assert Order.objects.get(pk=order.pk).last_error == "after a reconnect"
 
 
