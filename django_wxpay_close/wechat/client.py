@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -134,13 +134,36 @@ class CloseResult:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
+    """What a transport brought back from one URL: the HTTP status and the body, at most the size cap."""
+
     status: int
     body: bytes
 
 
-class _BodyTooLarge(Exception):
-    pass
+@dataclass(frozen=True)
+class TransportFailure:
+    """Why a transport brought no answer back, and whether the request can have reached the server at all."""
+
+    reason: str
+    never_connected: bool = False
+    outcome: Outcome = Outcome.NETWORK_ERROR
+
+
+def body_too_large(max_response_bytes: int) -> TransportFailure:
+    return TransportFailure(f"response body exceeds the {max_response_bytes}-byte limit", outcome=Outcome.INVALID_RESPONSE)
+
+
+def deadline_passed(read_timeout: float) -> str:
+    return f"response not complete within the {read_timeout:g}s read timeout plus connect time"
+
+
+# The URLs to try for one request, and the answer or failure each brought: see CloseOrderClient.exchange.
+Exchange = Generator[str, "Answer | TransportFailure", "CloseResult"]
+
+
+class BodyTooLarge(Exception):
+    """The answer grew past `max_response_bytes`; reading stopped there."""
 
 
 class _FixedRouteAdapter(HTTPAdapter):
@@ -276,27 +299,47 @@ class CloseOrderClient:
         return self.send(self.prepare(out_trade_no, **overrides))
 
     def send(self, prepared: PreparedClose) -> CloseResult:
+        exchange = self.exchange(prepared)
+        url = next(exchange)
+        while True:
+            try:
+                url = exchange.send(self._attempt(url, prepared.body))
+            except StopIteration as done:
+                return done.value
+
+    def exchange(self, prepared: PreparedClose) -> Exchange:
+        """Which URL to post to next, given what the last one brought; returns the request's result.
+
+        The I/O is the caller's, so the blocking `send` and the sweep's concurrent sender fail over, time
+        and interpret alike: a later URL is tried only when an earlier one was never connected to.
+        """
         started = time.perf_counter()
         failed_over_from: str | None = None
         for index, url in enumerate(self.urls):
-            try:
-                answer = self._post(url, prepared.body)
-            except requests.RequestException as exc:
-                if _never_connected(exc) and index + 1 < len(self.urls):
-                    failed_over_from = failed_over_from or url
-                    continue
-                return self._result(prepared, url, started, failed_over_from, Outcome.NETWORK_ERROR, _describe(exc))
-            except _BodyTooLarge:
-                return self._result(
-                    prepared, url, started, failed_over_from, Outcome.INVALID_RESPONSE,
-                    f"response body exceeds the {self.max_response_bytes}-byte limit",
-                )
-            except TimeoutError as exc:
-                return self._result(prepared, url, started, failed_over_from, Outcome.NETWORK_ERROR, str(exc))
-            return self._interpret(prepared, url, started, failed_over_from, answer)
+            reply = yield url
+            if isinstance(reply, Answer):
+                return self._interpret(prepared, url, started, failed_over_from, reply)
+            if reply.never_connected and index + 1 < len(self.urls):
+                failed_over_from = failed_over_from or url
+                continue
+            return self._result(prepared, url, started, failed_over_from, reply.outcome, reply.reason)
         raise AssertionError("unreachable: the last URL always returns")
 
-    def _post(self, url: str, body: bytes) -> _Answer:
+    def send_options(self, url: str) -> Mapping[str, Any]:
+        """The proxies, TLS verification and client certificate resolved for `url` from the environment."""
+        return self._send_options[url]
+
+    def _attempt(self, url: str, body: bytes) -> Answer | TransportFailure:
+        try:
+            return self._post(url, body)
+        except requests.RequestException as exc:
+            return TransportFailure(_describe(exc), never_connected=_never_connected(exc))
+        except BodyTooLarge:
+            return body_too_large(self.max_response_bytes)
+        except TimeoutError as exc:
+            return TransportFailure(str(exc))
+
+    def _post(self, url: str, body: bytes) -> Answer:
         started = time.monotonic()
         request = self._templates[url].copy()
         request.prepare_body(body, None)
@@ -305,11 +348,11 @@ class CloseOrderClient:
             while chunk := _read_some(response, self.deadline - (time.monotonic() - started), self.timeout[1]):
                 received += chunk
                 if len(received) > self.max_response_bytes:
-                    raise _BodyTooLarge
-            return _Answer(status=response.status_code, body=bytes(received))
+                    raise BodyTooLarge
+            return Answer(status=response.status_code, body=bytes(received))
 
     def _interpret(
-        self, prepared: PreparedClose, url: str, started: float, failed_over_from: str | None, answer: _Answer
+        self, prepared: PreparedClose, url: str, started: float, failed_over_from: str | None, answer: Answer
     ) -> CloseResult:
         def result(outcome: Outcome, reason: str, fields: Mapping[str, str] = {}, verified: bool | None = None) -> CloseResult:
             return self._result(
@@ -374,7 +417,7 @@ def _read_some(response: requests.Response, remaining: float, read_timeout: floa
     requests' own, as iter_content would.
     """
     if remaining <= 0:
-        raise TimeoutError(f"response not complete within the {read_timeout:g}s read timeout plus connect time")
+        raise TimeoutError(deadline_passed(read_timeout))
     sock = getattr(getattr(response.raw, "connection", None), "sock", None)
     if sock is not None:
         sock.settimeout(min(read_timeout, remaining))
@@ -399,7 +442,11 @@ def _describe(exc: requests.RequestException) -> str:
         (requests.exceptions.SSLError, "TLS error"),
         (requests.ConnectionError, "connection error"),
     ]
-    kind = next((label for cls, label in kinds if isinstance(exc, cls)), type(exc).__name__)
+    return described(next((label for cls, label in kinds if isinstance(exc, cls)), type(exc).__name__), exc)
+
+
+def described(kind: str, exc: BaseException) -> str:
+    """`kind` and the start of the error's own text, which names hosts and reasons but never the request body."""
     detail = str(exc)
     return f"{kind}: {detail[:300]}" if detail else kind
 
