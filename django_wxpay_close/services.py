@@ -4,8 +4,8 @@ Rules every function here keeps:
 - An order is *claimed* (a conditional UPDATE with a lease) before its request is built, so two
   callers (cron hosts, the admin, the command) never have closeorder in flight for the same order;
   no database lock is held while the request is in flight.
-- The audit row is written before the request leaves and completed once after it (in a sweep, by a
-  recorder thread the worker hands the answer to; the result is reported once it is written).
+- The audit row is written before the request leaves and completed once after it (with several orders,
+  by the threads of pipeline.py around one event loop; a result is reported once it is written).
 - A state change is an UPDATE … WHERE state = <the state the close started from>.
 - These functions must not run inside `transaction.atomic()`: a rollback of the caller's
   transaction would erase audit rows of requests that really went out. They raise
@@ -16,7 +16,6 @@ Rules every function here keeps:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import uuid
 from collections import Counter
@@ -25,15 +24,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from functools import lru_cache
-from operator import attrgetter
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from . import signals
 from .conf import CloseSettings, load_settings
 from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
+from .pipeline import ClosePipeline, Sending
 from .selectors import claimable, orders_due_for_closing, why_not_closable
 from .statements import Add, ClearIfClaimedBy, RowUpdate, update_rows
 from .wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, validate_out_trade_no
@@ -243,16 +242,14 @@ class _CloseRun:
 
     def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int | None = None) -> None:
         self.settings = settings
-        # Every worker thread keeps its own connection to WeChat: a pool smaller than the workers would
-        # open and drop a TCP (and TLS) connection for each request beyond it.
+        # One kept-alive connection to WeChat per request in flight: a pool smaller than that would open and
+        # drop a TCP (and TLS) connection for each request beyond it (the concurrent sender sizes its own alike).
         self.pool_size = max(workers or 0, settings.workers)
         self.trigger = trigger
         self.user = user if getattr(user, "pk", None) is not None else None
         self.actor = self.user.get_username() if self.user is not None else ""
         self.halted: dict[str, str] = {}
         self._halt_lock = threading.Lock()
-        # Set by the sweep: answers go to its recorder thread and the worker moves on to its next order.
-        self.record_later: Callable[[_Answered], None] | None = None
 
     def client_for(self, merchant_name: str) -> CloseOrderClient:
         s = self.settings
@@ -332,16 +329,25 @@ class _CloseRun:
 
     # -- one order ---------------------------------------------------------------------------
 
-    def claim_and_close(self, order: Order) -> OrderCloseResult | None:
-        """An explicit close (admin, code): claim the order, then close it, or say why it is not sent."""
+    def claim_and_close(self, order: Order) -> OrderCloseResult:
+        """An explicit close (code): claim the order, then close it, or say why it is not sent."""
         skip = self.claim_one(order, now=timezone.now())
         return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.close_claimed(order)
 
-    def close_claimed(self, order: Order) -> OrderCloseResult | None:
-        """Send closeorder for an order this run has claimed, audit it and apply the answer.
+    def claim_and_start(self, order: Order) -> Sending | OrderCloseResult:
+        """An explicit close among several (the admin action): claim the order, then start its close."""
+        skip = self.claim_one(order, now=timezone.now())
+        return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.start_claimed(order)
 
-        None when the answer was handed to `record_later`, which reports the result once it is written.
-        """
+    def close_claimed(self, order: Order) -> OrderCloseResult:
+        """Send closeorder for an order this run has claimed, audit it and apply the answer, in this thread."""
+        started = self.start_claimed(order)
+        if not isinstance(started, Sending):
+            return started
+        return self.record(self.answered(started, started.client.send(started.prepared)))
+
+    def start_claimed(self, order: Order) -> Sending | OrderCloseResult:
+        """Everything before the request leaves: checks, signing, and the audit row it is sent under."""
         merchant_settings = self.settings.merchants.get(order.merchant)
         problem = None
         if order.merchant in self.halted:
@@ -373,13 +379,11 @@ class _CloseRun:
             out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
             url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
         )
-        result = client.send(prepared)
-        # Decided at once, not when written: a halt must stop the other workers from sending now.
-        answered = _Answered(order, attempt, result, self._decide(order, result, timezone.now()))
-        if self.record_later is not None:
-            self.record_later(answered)
-            return None
-        return self.record(answered)
+        return Sending(order, attempt, client, prepared)
+
+    def answered(self, sending: Sending, result: CloseResult) -> _Answered:
+        """Decided the moment the answer arrives, not when it is written: a halt must stop sends at once."""
+        return _Answered(sending.order, sending.attempt, result, self._decide(sending.order, result, timezone.now()))
 
     def record(self, answered: _Answered) -> OrderCloseResult:
         """Write the answer on the audit row and its consequence on the order, in one statement where possible."""
@@ -491,54 +495,6 @@ def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcom
     )
 
 
-class _WorkerPool:
-    """A bounded pool of threads calling `handle(job)`; each thread closes its DB connection on exit.
-
-    `handle` returns the job's result for `on_result`, or None when something else reports it later.
-    `order_of` names the order a job is about, for the log line of an unexpected failure.
-    """
-
-    _STOP = object()
-
-    def __init__(self, threads: int, handle: Callable[[Any], OrderCloseResult | None],
-                 on_result: Callable[[OrderCloseResult], None], *, name: str, queue_size: int,
-                 order_of: Callable[[Any], Order] = lambda job: job) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # full: the submitter waits
-        self._handle, self._on_result, self._order_of = handle, on_result, order_of
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, job: Any) -> None:
-        self._queue.put(job)
-
-    def join(self) -> None:
-        for _ in self._threads:
-            self._queue.put(self._STOP)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self) -> None:
-        try:
-            while (job := self._queue.get()) is not self._STOP:
-                result = _guarded(self._order_of(job), lambda: self._handle(job))
-                if result is not None:
-                    self._on_result(result)
-        finally:
-            connections.close_all()
-
-
-# The sweep's answers are written by recorder threads, one per this many workers: a worker hands its answer
-# over and goes straight back to the network, which takes a database round trip off every close, and a few
-# writers instead of `workers` hand the GIL around less. With 32 workers and a 50 ms round trip one writer
-# swept a little faster than two (82 % of the latency limit against 80 %, alternated runs); with no network
-# wait two sometimes went further, within the noise. Writing queued answers together in one statement was
-# slower: building it holds the GIL against the workers (docs/performance.md). An answer waits in
-# memory only until its write; a crash in between leaves what any crash mid-request leaves: an unfinished
-# audit row and a claim that lapses (docs/reliability.md).
-WORKERS_PER_RECORDER = 32
-
-
 def _guarded(order: Order, close: Callable[[], OrderCloseResult | None]) -> OrderCloseResult | None:
     """Isolate one order's unexpected failure: log it, report it, keep going with the others."""
     try:
@@ -560,7 +516,6 @@ def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) 
     _require_autocommit()
     run = _CloseRun(load_settings(), trigger=trigger, user=user)
     result = _guarded(order, lambda: run.claim_and_close(order))
-    assert result is not None  # answers are recorded before returning unless a sweep set record_later
     order.refresh_from_db()
     return result
 
@@ -569,19 +524,24 @@ def close_orders(
     orders: Iterable[Order], *, trigger: str = Trigger.CODE, user: Any = None, workers: int | None = None,
     on_result: Callable[[OrderCloseResult], None] | None = None,
 ) -> CloseReport:
-    """Close several chosen orders (the admin action) with a bounded pool of worker threads."""
+    """Close several chosen orders (the admin action), `workers` requests in flight at once (pipeline.py)."""
     _require_autocommit()
     settings = load_settings()
     workers = workers or settings.workers
     run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
     report = CloseReport(observer=on_result)
-    pool = _WorkerPool(workers, run.claim_and_close, report.add, name="wxpay-close", queue_size=workers * 2)
-    try:
+    with _pipeline(run, workers, report, claim_each=True) as pipeline:
         for order in orders:
-            pool.submit(order)
-    finally:
-        pool.join()
+            pipeline.submit(order)
     return report.finish()
+
+
+def _pipeline(run: _CloseRun, workers: int, report: CloseReport, *,
+              claim_each: bool) -> ClosePipeline[Order, OrderCloseResult]:
+    """`workers` requests in flight at once; `claim_each`: the orders come unclaimed (chosen, not swept)."""
+    start = run.claim_and_start if claim_each else run.start_claimed
+    return ClosePipeline(concurrency=workers, start=start, answered=run.answered, record=run.record,
+                         on_result=report.add, guard=_guarded)
 
 
 def sweep_expired_orders(
@@ -615,12 +575,8 @@ def sweep_expired_orders(
             report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
         return report.finish()
 
-    recorder = _WorkerPool(max(1, workers // WORKERS_PER_RECORDER), run.record, report.add, name="wxpay-record",
-                           queue_size=workers * 2, order_of=attrgetter("order"))
-    run.record_later = recorder.submit
-    pool = _WorkerPool(workers, run.close_claimed, report.add, name="wxpay-close", queue_size=workers * 2)
     claimed_total = 0
-    try:
+    with _pipeline(run, workers, report, claim_each=False) as pipeline:
         while limit is None or claimed_total < limit:
             size = batch_size if limit is None else min(batch_size, limit - claimed_total)
             batch = run.claim_due_batch(now=timezone.now(), limit=size, merchants=merchants, older_than=older_than)
@@ -628,10 +584,7 @@ def sweep_expired_orders(
                 break
             claimed_total += len(batch)
             for order in batch:
-                pool.submit(order)
-    finally:
-        pool.join()
-        recorder.join()
+                pipeline.submit(order)
     return report.finish()
 
 

@@ -18,6 +18,7 @@ from django_wxpay_close.services import (
     CloseAction,
     InvalidTransition,
     close_order,
+    close_orders,
     create_order,
     record_payment,
     sweep_expired_orders,
@@ -380,14 +381,14 @@ def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close
 
     orders = [make_order() for _ in range(4)]
     broken = orders[1].out_trade_no
-    original = services._CloseRun.close_claimed
+    original = services._CloseRun.start_claimed
 
-    def close_claimed(run: Any, order: Order) -> Any:
+    def start_claimed(run: Any, order: Order) -> Any:
         if order.out_trade_no == broken:
             raise TypeError("a bug in our code")
         return original(run, order)
 
-    monkeypatch.setattr(services._CloseRun, "close_claimed", close_claimed)
+    monkeypatch.setattr(services._CloseRun, "start_claimed", start_claimed)
     report = sweep_expired_orders(workers=2)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
 
@@ -410,6 +411,34 @@ def test_a_failure_writing_one_answer_is_reported_for_it_and_the_other_answers_a
     states = dict(Order.objects.values_list("out_trade_no", "state"))
     assert states.pop(broken) == OrderState.OPEN and set(states.values()) == {OrderState.CLOSED}
     assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
+
+
+def test_a_failure_reading_one_answer_is_reported_for_it_and_the_other_answers_are_written(make_order, monkeypatch):
+    from django_wxpay_close import services
+
+    orders = [make_order() for _ in range(4)]
+    broken = orders[1].out_trade_no
+    original = services._CloseRun.answered
+
+    def answered(run: Any, sending: Any, result: Any) -> Any:
+        if sending.order.out_trade_no == broken:
+            raise ValueError("a bug deciding what the answer means")
+        return original(run, sending, result)
+
+    monkeypatch.setattr(services._CloseRun, "answered", answered)
+    report = sweep_expired_orders(workers=4)
+    assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1}
+    assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
+    assert CloseAttempt.objects.filter(completed_at__isnull=False).count() == 3
+
+
+def test_the_admin_action_keeps_as_many_requests_in_flight_as_it_has_workers(make_order, simulator):
+    orders = [make_order() for _ in range(6)]
+    simulator.latency = 0.3
+    report = close_orders(Order.objects.filter(pk__in=[order.pk for order in orders]), workers=6)
+    arrivals = sorted(request.received_at for request in simulator.requests)
+    assert report.by_action == {CloseAction.CLOSED: 6}
+    assert arrivals[-1] - arrivals[0] < 0.3, "a request waited for another's answer before it was sent"
 
 
 def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, simulator):
