@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -11,7 +12,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .statements import RowUpdate, insert_row, update_rows
+from .statements import RowUpdate, insert_rows, update_rows
 from .wechat import Outcome
 
 out_trade_no_validator = RegexValidator(
@@ -169,11 +170,18 @@ class CloseAttempt(models.Model):
     @classmethod
     def start(cls, **fields: Any) -> CloseAttempt:
         """Insert the row before the request leaves (one precompiled INSERT: this is on every close's path)."""
-        attempt = cls(**fields)
-        values = {f.attname: getattr(attempt, f.attname) for f in cls._meta.concrete_fields if not f.primary_key}
-        attempt.pk = insert_row(cls, values)
-        attempt._state.adding = False
-        return attempt
+        return cls.start_many([fields])[0]
+
+    @classmethod
+    def start_many(cls, rows: Sequence[Mapping[str, Any]]) -> list[CloseAttempt]:
+        """Insert the rows of requests about to leave together, in one statement where the database allows."""
+        attempts = [cls(**fields) for fields in rows]
+        columns = [f.attname for f in cls._meta.concrete_fields if not f.primary_key]
+        keys = insert_rows(cls, [{name: getattr(attempt, name) for name in columns} for attempt in attempts])
+        for attempt, pk in zip(attempts, keys, strict=True):
+            attempt.pk = pk
+            attempt._state.adding = False
+        return attempts
 
     def completion(self, **fields: Any) -> RowUpdate:
         """The UPDATE that records the answer, landing only while the row is unfinished (see `update_rows`)."""

@@ -28,10 +28,13 @@ from .wechat.async_sender import AsyncCloseSender
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
-# Database threads per this many requests in flight, on each side of the loop. Sweeps of 4,000 orders at
-# 32 workers and 50 ms, on PostgreSQL on two cores: one starter and one recorder 76-80 % of the latency
-# limit, two of each 74-80 %, three 72 %, four 62-66 %: more threads mostly add database and GIL contention.
-REQUESTS_PER_DATABASE_THREAD = 32
+# Database threads per this many requests in flight. A starter writes the audit rows of every slot freed
+# since its last statement in one INSERT, so one keeps up with 32 requests. Sweeps of 4,000 orders at 32
+# workers and 50 ms on PostgreSQL, two cores: two recorders swept no faster than one (median 78 % of the
+# latency limit either way, 5 alternated pairs) and each close took longer (p50 60 against 56 ms); two
+# starters and two recorders swept 75-77 % against 79-81 %. More threads mostly add contention.
+REQUESTS_PER_STARTER = 32
+REQUESTS_PER_RECORDER = 32
 
 
 class Guard(Protocol[Result]):
@@ -50,60 +53,29 @@ class Sending:
     prepared: PreparedClose
 
 
-class WorkerPool(Generic[Job, Result]):
-    """Threads calling `handle(job)` in turn; each closes its database connections when it exits.
-
-    `handle` returns the job's result for `on_result`, or None when something else reports it later.
-    `order_of` names the order a job is about, for `guard`.
-    """
-
-    _STOP = object()
-
-    def __init__(self, threads: int, handle: Callable[[Job], Result | None], on_result: Callable[[Result], None], *,
-                 guard: Guard[Result], name: str, queue_size: int = 0,
-                 order_of: Callable[[Job], Any] = lambda job: job) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)  # full: the submitter waits
-        self._handle, self._on_result, self._guard, self._order_of = handle, on_result, guard, order_of
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
-
-    def join(self) -> None:
-        for _ in self._threads:
-            self._queue.put(self._STOP)
-        for thread in self._threads:
-            thread.join()
-
-    def _work(self) -> None:
-        try:
-            while (job := self._queue.get()) is not self._STOP:
-                result = self._guard(self._order_of(job), lambda: self._handle(job))
-                if result is not None:
-                    self._on_result(result)
-        finally:
-            connections.close_all()
-
-
 class ClosePipeline(Generic[Job, Result]):
-    """Runs `start(job)`, sends what it started, then `record(answered(sending, result))`, `concurrency` at once.
+    """Runs `start(jobs)`, sends what it started, then `record(answered)`, with `concurrency` requests in flight.
 
-    `start` returns a `Sending` to send, or the job's result when nothing is to be sent (skipped, say).
-    `answered` runs in the loop's thread and must not touch the database; `record` does the writing.
-    Use it as a context manager: leaving waits for every submitted job to be recorded.
+    `start` gets the jobs waiting when a starter thread comes round (at most as many as there are free
+    slots, so the audit rows of a busy sweep go in one statement) and returns, for each, a `Sending` to
+    send or the job's result when nothing is to be sent (skipped, say).
+    `answered(sending, result)` runs in the loop's thread and must not touch the database; `record` does
+    the writing, one answer per statement (writing queued answers together was slower: building one long
+    statement holds the GIL against the loop, docs/performance.md).
+    `waiting` jobs may be queued before `submit` blocks: a sweep queues a claimed batch's worth and more,
+    so the starter still has orders while the next batch is claimed. Use it as a context manager: leaving
+    waits for every submitted job to be recorded.
     """
 
-    def __init__(self, *, concurrency: int, start: Callable[[Job], Sending | Result],
+    def __init__(self, *, concurrency: int, start: Callable[[list[Job]], list[Sending | Result]],
                  answered: Callable[[Sending, CloseResult], Any], record: Callable[[Any], Result],
-                 on_result: Callable[[Result], None], guard: Guard[Result]) -> None:
+                 on_result: Callable[[Result], None], guard: Guard[Result], waiting: int) -> None:
         self._concurrency = max(concurrency, 1)
-        self._start, self._answered, self._on_result, self._guard = start, answered, on_result, guard
+        self._start, self._answered, self._record = start, answered, record
+        self._on_result, self._guard = on_result, guard
         self._in_flight = threading.BoundedSemaphore(self._concurrency)  # started, not yet answered
         # Answers waiting for their write: bounded too, so a slow database holds the starters back, not memory.
         self._unrecorded = threading.BoundedSemaphore(self._concurrency * 3)
-        database_threads = -(-self._concurrency // REQUESTS_PER_DATABASE_THREAD)
         self._loop = asyncio.new_event_loop()
         # The blocking client's fallback (proxies aiohttp cannot use) needs a thread per request in flight.
         self._loop.set_default_executor(ThreadPoolExecutor(self._concurrency, thread_name_prefix="wxpay-send"))
@@ -111,15 +83,10 @@ class ClosePipeline(Generic[Job, Result]):
         self._loop_thread.start()
         self._senders: dict[CloseOrderClient, AsyncCloseSender] = {}  # the loop's thread only
         self._tasks: set[asyncio.Task[None]] = set()  # the loop's thread only
-        self._recorders: WorkerPool[Any, Result] = WorkerPool(  # unbounded queue: the loop must never wait
-            database_threads, self._record, on_result, guard=guard, name="wxpay-record",
-            order_of=lambda answered: answered.order,
-        )
-        self._record_answer = record
-        self._starters: WorkerPool[Job, Result] = WorkerPool(
-            database_threads, self._start_one, on_result, guard=guard, name="wxpay-start",
-            queue_size=self._concurrency,
-        )
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=max(waiting, 1))  # full: the submitter waits
+        self._answers: queue.Queue[Any] = queue.Queue()  # unbounded (`_unrecorded` bounds it): the loop never waits
+        self._starters = _threads(self._run_starter, "wxpay-start", -(-self._concurrency // REQUESTS_PER_STARTER))
+        self._recorders = _threads(self._run_recorder, "wxpay-record", -(-self._concurrency // REQUESTS_PER_RECORDER))
 
     def __enter__(self) -> ClosePipeline[Job, Result]:
         return self
@@ -128,43 +95,78 @@ class ClosePipeline(Generic[Job, Result]):
         self.join()
 
     def submit(self, job: Job) -> None:
-        self._starters.submit(job)
+        self._jobs.put(job)
 
     def join(self) -> None:
         """Wait until every submitted job is recorded, then stop the threads and the loop."""
         try:
-            self._starters.join()
+            for _ in self._starters:
+                self._jobs.put(_STOP)
+            for thread in self._starters:
+                thread.join()
             asyncio.run_coroutine_threadsafe(self._drain(), self._loop).result()
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join()
             self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
-            self._recorders.join()
+            for _ in self._recorders:
+                self._answers.put(_STOP)
+            for thread in self._recorders:
+                thread.join()
 
     # -- starter threads ---------------------------------------------------------------------
 
-    def _start_one(self, job: Job) -> Result | None:
+    def _run_starter(self) -> None:
+        try:
+            stopping = False
+            while not stopping and (job := self._jobs.get()) is not _STOP:
+                jobs, stopping = self._take_more([job])
+                self._start_jobs(jobs)
+        finally:
+            connections.close_all()
+
+    def _take_more(self, jobs: list[Job]) -> tuple[list[Job], bool]:
+        """Slots for `jobs[0]` (waiting for them), then more queued jobs while slots are free and jobs wait.
+
+        True as the second value when the stop marker came up: this thread stops after starting these.
+        """
         self._unrecorded.acquire()
         self._in_flight.acquire()
-        started: Sending | Result | None = None
-        try:
-            started = self._start(job)
-        finally:
-            if not isinstance(started, Sending):  # nothing to send, or start failed
+        while self._unrecorded.acquire(blocking=False):
+            if not self._in_flight.acquire(blocking=False):
+                self._unrecorded.release()
+                break
+            job = _next_waiting(self._jobs)
+            if job is _NONE_WAITING or job is _STOP:
                 self._in_flight.release()
                 self._unrecorded.release()
-        if isinstance(started, Sending):
-            self._loop.call_soon_threadsafe(self._spawn, started)
-            return None
-        return started
+                return jobs, job is _STOP
+            jobs.append(job)
+        return jobs, False
+
+    def _start_jobs(self, jobs: list[Job]) -> None:
+        try:
+            started = self._start(jobs)
+        except Exception as exc:  # noqa: BLE001 - `start` isolates orders itself; this is a bug around it
+            started = [self._guard(job, partial(_reraise, exc)) for job in jobs]  # type: ignore[misc]
+        sending = [item for item in started if isinstance(item, Sending)]
+        if sending:
+            self._loop.call_soon_threadsafe(self._spawn_all, sending)
+        for item in started:
+            if not isinstance(item, Sending):
+                self._in_flight.release()
+                self._unrecorded.release()
+                if item is not None:
+                    self._on_result(item)
 
     # -- the loop's thread -------------------------------------------------------------------
 
-    def _spawn(self, sending: Sending) -> None:
-        task = self._loop.create_task(self._send(sending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn_all(self, started: list[Sending]) -> None:
+        for sending in started:
+            task = self._loop.create_task(self._send(sending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _send(self, sending: Sending) -> None:
         try:
@@ -172,7 +174,7 @@ class ClosePipeline(Generic[Job, Result]):
         except Exception as exc:  # a bug, not the network (the sender turns that into a result): report it
             failure = self._guard(sending.order, partial(_reraise, exc))
         else:
-            failure = self._guard(sending.order, lambda: self._recorders.submit(self._answered(sending, result)))
+            failure = self._guard(sending.order, lambda: self._answers.put(self._answered(sending, result)))
         finally:
             self._in_flight.release()
         if failure is not None:
@@ -193,11 +195,32 @@ class ClosePipeline(Generic[Job, Result]):
 
     # -- recorder threads --------------------------------------------------------------------
 
-    def _record(self, answered: Any) -> Result:
+    def _run_recorder(self) -> None:
         try:
-            return self._record_answer(answered)
+            while (answered := self._answers.get()) is not _STOP:
+                result = self._guard(answered.order, lambda: self._record(answered))
+                self._unrecorded.release()
+                if result is not None:
+                    self._on_result(result)
         finally:
-            self._unrecorded.release()
+            connections.close_all()
+
+
+_STOP, _NONE_WAITING = object(), object()
+
+
+def _next_waiting(items: queue.Queue[Any]) -> Any:
+    try:
+        return items.get_nowait()
+    except queue.Empty:
+        return _NONE_WAITING
+
+
+def _threads(target: Callable[[], None], name: str, count: int) -> list[threading.Thread]:
+    threads = [threading.Thread(target=target, name=f"{name}-{n}", daemon=True) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def _reraise(exc: Exception) -> None:

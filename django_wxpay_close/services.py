@@ -19,12 +19,12 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
@@ -35,7 +35,15 @@ from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigge
 from .pipeline import ClosePipeline, Sending
 from .selectors import claimable, orders_due_for_closing, why_not_closable
 from .statements import Add, ClearIfClaimedBy, RowUpdate, update_rows
-from .wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, validate_out_trade_no
+from .wechat import (
+    CloseOrderClient,
+    CloseResult,
+    InvalidRequestField,
+    Merchant,
+    Outcome,
+    PreparedClose,
+    validate_out_trade_no,
+)
 
 __all__ = [
     "CloseAction",
@@ -50,6 +58,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("django_wxpay_close")
+T = TypeVar("T")
 
 
 class CloseAction(str, Enum):
@@ -334,10 +343,16 @@ class _CloseRun:
         skip = self.claim_one(order, now=timezone.now())
         return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.close_claimed(order)
 
-    def claim_and_start(self, order: Order) -> Sending | OrderCloseResult:
-        """An explicit close among several (the admin action): claim the order, then start its close."""
-        skip = self.claim_one(order, now=timezone.now())
-        return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.start_claimed(order)
+    def claim_and_start_many(self, orders: Sequence[Order]) -> list[Sending | OrderCloseResult]:
+        """Explicit closes among several (the admin action): claim each order, then start the claimed ones."""
+        not_sent: dict[int, OrderCloseResult] = {}
+        for index, order in enumerate(orders):
+            blocker = _guarded(order, lambda: self.claim_one(order, now=timezone.now()))
+            if blocker:
+                not_sent[index] = blocker if isinstance(blocker, OrderCloseResult) else _order_result(
+                    order, CloseAction.SKIPPED, blocker)
+        started = iter(self.start_claimed_many([order for i, order in enumerate(orders) if i not in not_sent]))
+        return [not_sent[i] if i in not_sent else next(started) for i in range(len(orders))]
 
     def close_claimed(self, order: Order) -> OrderCloseResult:
         """Send closeorder for an order this run has claimed, audit it and apply the answer, in this thread."""
@@ -348,6 +363,20 @@ class _CloseRun:
 
     def start_claimed(self, order: Order) -> Sending | OrderCloseResult:
         """Everything before the request leaves: checks, signing, and the audit row it is sent under."""
+        return self.start_claimed_many([order])[0]
+
+    def start_claimed_many(self, orders: Sequence[Order]) -> list[Sending | OrderCloseResult]:
+        """`start_claimed` for several orders, their audit rows written in one statement (one per order's result)."""
+        ready = [_guarded(order, lambda: self._ready_to_send(order)) for order in orders]
+        going = [item for item in ready if isinstance(item, _Ready)]
+        try:
+            attempts = iter(CloseAttempt.start_many([item.audit_row for item in going]) if going else [])
+        except Exception as exc:  # noqa: BLE001 - no row written and nothing sent: each of these orders fails alone
+            return [_failed(item.order, exc) if isinstance(item, _Ready) else item for item in ready]
+        return [Sending(item.order, next(attempts), item.client, item.prepared) if isinstance(item, _Ready) else item
+                for item in ready]
+
+    def _ready_to_send(self, order: Order) -> _Ready | OrderCloseResult:
         merchant_settings = self.settings.merchants.get(order.merchant)
         problem = None
         if order.merchant in self.halted:
@@ -373,13 +402,12 @@ class _CloseRun:
             return _order_result(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}")
         if not self._keep_claim(order):
             return _order_result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
-
-        attempt = CloseAttempt.start(
-            order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
-            out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
-            url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
-        )
-        return Sending(order, attempt, client, prepared)
+        audit_row = {
+            "order": order, "merchant": order.merchant, "mch_id": order.mch_id, "sub_mch_id": order.sub_mch_id,
+            "out_trade_no": order.out_trade_no, "trigger": self.trigger, "user": self.user, "actor": self.actor,
+            "url": client.urls[0], "sign_type": prepared.sign_type.value, "request_xml": prepared.body.decode("utf-8"),
+        }
+        return _Ready(order, client, prepared, audit_row)
 
     def answered(self, sending: Sending, result: CloseResult) -> _Answered:
         """Decided the moment the answer arrives, not when it is written: a halt must stop sends at once."""
@@ -478,6 +506,16 @@ class _Decision:
 
 
 @dataclass(frozen=True)
+class _Ready:
+    """An order that passed its checks, with its signed request and the audit row to write before sending it."""
+
+    order: Order
+    client: CloseOrderClient
+    prepared: PreparedClose
+    audit_row: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class _Answered:
     """An answer between its arrival and its write: what was sent, what came back, what it means."""
 
@@ -495,17 +533,21 @@ def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcom
     )
 
 
-def _guarded(order: Order, close: Callable[[], OrderCloseResult | None]) -> OrderCloseResult | None:
+def _guarded(order: Order, close: Callable[[], T]) -> T | OrderCloseResult:
     """Isolate one order's unexpected failure: log it, report it, keep going with the others."""
     try:
         return close()
     except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others (or kill a worker)
-        logger.exception(
-            "Closing order %s failed unexpectedly", order.out_trade_no,
-            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant},
-        )
-        return OrderCloseResult(order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant,
-                                action=CloseAction.FAILED, reason=f"{type(exc).__name__}: {exc}")
+        return _failed(order, exc)
+
+
+def _failed(order: Order, exc: Exception) -> OrderCloseResult:
+    logger.error(
+        "Closing order %s failed unexpectedly", order.out_trade_no, exc_info=exc,
+        extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant},
+    )
+    return OrderCloseResult(order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant,
+                            action=CloseAction.FAILED, reason=f"{type(exc).__name__}: {exc}")
 
 
 # -- public services ---------------------------------------------------------------------------
@@ -530,18 +572,18 @@ def close_orders(
     workers = workers or settings.workers
     run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
     report = CloseReport(observer=on_result)
-    with _pipeline(run, workers, report, claim_each=True) as pipeline:
+    with _pipeline(run, workers, report, claim_each=True, waiting=workers * 2) as pipeline:
         for order in orders:
             pipeline.submit(order)
     return report.finish()
 
 
-def _pipeline(run: _CloseRun, workers: int, report: CloseReport, *,
-              claim_each: bool) -> ClosePipeline[Order, OrderCloseResult]:
+def _pipeline(run: _CloseRun, workers: int, report: CloseReport, *, claim_each: bool,
+              waiting: int) -> ClosePipeline[Order, OrderCloseResult]:
     """`workers` requests in flight at once; `claim_each`: the orders come unclaimed (chosen, not swept)."""
-    start = run.claim_and_start if claim_each else run.start_claimed
+    start = run.claim_and_start_many if claim_each else run.start_claimed_many
     return ClosePipeline(concurrency=workers, start=start, answered=run.answered, record=run.record,
-                         on_result=report.add, guard=_guarded)
+                         on_result=report.add, guard=_guarded, waiting=waiting)
 
 
 def sweep_expired_orders(
@@ -576,7 +618,8 @@ def sweep_expired_orders(
         return report.finish()
 
     claimed_total = 0
-    with _pipeline(run, workers, report, claim_each=False) as pipeline:
+    # The next batch is claimed while the last one's orders wait to be started.
+    with _pipeline(run, workers, report, claim_each=False, waiting=batch_size + workers) as pipeline:
         while limit is None or claimed_total < limit:
             size = batch_size if limit is None else min(batch_size, limit - claimed_total)
             batch = run.claim_due_batch(now=timezone.now(), limit=size, merchants=merchants, older_than=older_than)

@@ -12,7 +12,7 @@ Everything else (claims, reads, the admin) uses the ORM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -23,7 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Model
 
-__all__ = ["Add", "ClearIfClaimedBy", "RowUpdate", "insert_row", "update_rows"]
+__all__ = ["Add", "ClearIfClaimedBy", "RowUpdate", "insert_row", "insert_rows", "update_rows"]
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,13 @@ def _combined_sql(statements: tuple[str, ...]) -> str:
     return f"WITH {ctes} SELECT {counts}"
 
 
-@lru_cache(maxsize=64)
-def _insert_sql(model: type[Model], using: str, returning: bool) -> tuple[str, tuple[Any, ...]]:
+@lru_cache(maxsize=128)
+def _insert_sql(model: type[Model], using: str, returning: bool, rows: int = 1) -> tuple[str, tuple[Any, ...]]:
     quote = connections[using].ops.quote_name
     fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key)
+    row = f"({', '.join(['%s'] * len(fields))})"
     sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-           f"VALUES ({', '.join(['%s'] * len(fields))})")
+           f"VALUES {', '.join([row] * rows)}")
     if returning:
         sql += f" RETURNING {quote(model._meta.pk.column)}"
     return sql, fields
@@ -154,14 +155,52 @@ def insert_row(model: type[Model], values: Mapping[str, Any], *, using: str = "d
     connection = connections[using]
     returning = connection.features.can_return_columns_from_insert
     sql, fields = _insert_sql(model, using, returning)
-    params = [
-        f.get_db_prep_save(values[f.attname] if f.attname in values else f.get_default(), connection) for f in fields
-    ]
+    params = _insert_params(fields, values, connection)
     with _cursor(connection) as cursor:
         cursor.execute(sql, params)
         if returning:
             return cursor.fetchone()[0]
         return connection.ops.last_insert_id(cursor, model._meta.db_table, model._meta.pk.column)
+
+
+def insert_rows(model: type[Model], rows: Sequence[Mapping[str, Any]], *, using: str = "default") -> list[int]:
+    """INSERT several rows in one statement (one round trip, one commit); their new primary keys, in order.
+
+    Relies, as Django's bulk_create does, on INSERT … RETURNING giving the rows back in the order given.
+    On PostgreSQL the values travel as one array per column (`_unnest_insert_sql`, as bulk_create does
+    since Django 5.2): one statement text whatever the number of rows, so psycopg parses it once and caches
+    it, where a VALUES list of n rows would be a new text, parsed in Python on every call. Where the database
+    cannot return several rows' keys (MySQL), the rows go one statement each.
+    """
+    connection = connections[using]
+    if len(rows) == 1 or not connection.features.can_return_rows_from_bulk_insert:
+        return [insert_row(model, values, using=using) for values in rows]
+    if connection.vendor == "postgresql":
+        sql, fields = _unnest_insert_sql(model, using)
+        params = [list(column) for column in zip(*(_insert_params(fields, values, connection) for values in rows))]
+    else:
+        sql, fields = _insert_sql(model, using, True, len(rows))
+        params = [param for values in rows for param in _insert_params(fields, values, connection)]
+    with _cursor(connection) as cursor:
+        cursor.execute(sql, params)
+        return [pk for (pk,) in cursor.fetchall()]
+
+
+@lru_cache(maxsize=16)
+def _unnest_insert_sql(model: type[Model], using: str) -> tuple[str, tuple[Any, ...]]:
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key)
+    arrays = ", ".join(f"(%s)::{f.db_type(connection)}[]" for f in fields)
+    sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+           f"SELECT * FROM UNNEST({arrays}) RETURNING {quote(model._meta.pk.column)}")
+    return sql, fields
+
+
+def _insert_params(fields: tuple[Any, ...], values: Mapping[str, Any], connection: BaseDatabaseWrapper) -> list[Any]:
+    return [
+        f.get_db_prep_save(values[f.attname] if f.attname in values else f.get_default(), connection) for f in fields
+    ]
 
 
 @lru_cache(maxsize=1)

@@ -381,14 +381,14 @@ def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close
 
     orders = [make_order() for _ in range(4)]
     broken = orders[1].out_trade_no
-    original = services._CloseRun.start_claimed
+    original = services._CloseRun._ready_to_send
 
-    def start_claimed(run: Any, order: Order) -> Any:
+    def ready_to_send(run: Any, order: Order) -> Any:
         if order.out_trade_no == broken:
             raise TypeError("a bug in our code")
         return original(run, order)
 
-    monkeypatch.setattr(services._CloseRun, "start_claimed", start_claimed)
+    monkeypatch.setattr(services._CloseRun, "_ready_to_send", ready_to_send)
     report = sweep_expired_orders(workers=2)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
 
@@ -439,6 +439,21 @@ def test_the_admin_action_keeps_as_many_requests_in_flight_as_it_has_workers(mak
     arrivals = sorted(request.received_at for request in simulator.requests)
     assert report.by_action == {CloseAction.CLOSED: 6}
     assert arrivals[-1] - arrivals[0] < 0.3, "a request waited for another's answer before it was sent"
+
+
+def test_when_the_audit_rows_cannot_be_written_nothing_is_sent_and_each_order_is_reported(make_order, simulator,
+                                                                                         monkeypatch):
+    for _ in range(3):
+        make_order()
+
+    def start_many(rows: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(CloseAttempt, "start_many", start_many)
+    report = sweep_expired_orders(workers=4)
+    assert report.by_action == {CloseAction.FAILED: 3} and report.has_alarms
+    assert simulator.requests == [] and CloseAttempt.objects.count() == 0
+    assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
 
 
 def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, simulator):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import IntegrityError, connection
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import CloseAction, close_order
-from django_wxpay_close.statements import Add, ClearIfClaimedBy, RowUpdate, insert_row, update_rows
+from django_wxpay_close.statements import Add, ClearIfClaimedBy, RowUpdate, insert_row, insert_rows, update_rows
 
 AWKWARD_TEXT = "it's 100% \\ \"quoted\" %s %(name)s $1 订单 -- ; DROP TABLE x"
 
@@ -70,6 +71,43 @@ def test_text_with_quotes_backslashes_placeholders_and_unicode_is_stored_as_give
     stored = CloseAttempt.objects.get(pk=attempt.pk)
     assert stored.request_xml == stored.reason == stored.response_body == AWKWARD_TEXT
     assert Order.objects.get(pk=order.pk).last_error == AWKWARD_TEXT
+
+
+def audit_row(order: Order, **values: Any) -> dict[str, Any]:
+    return {"order_id": order.pk, "merchant": "default", "mch_id": order.mch_id, "sub_mch_id": order.sub_mch_id,
+            "out_trade_no": order.out_trade_no, "trigger": Trigger.COMMAND, "url": "http://x",
+            "sign_type": "MD5", **values}
+
+
+def test_several_rows_inserted_together_get_their_keys_back_in_the_order_given(make_order):
+    orders = [make_order() for _ in range(5)]
+    keys = insert_rows(CloseAttempt, [audit_row(order, request_xml=f"<xml>{n}</xml>") for n, order in enumerate(orders)])
+    stored = CloseAttempt.objects.in_bulk(keys)
+    assert [stored[key].out_trade_no for key in keys] == [order.out_trade_no for order in orders]
+    assert [stored[key].request_xml for key in keys] == [f"<xml>{n}</xml>" for n in range(5)]
+
+
+def test_rows_inserted_together_keep_awkward_text_nulls_and_defaults_as_given(make_order):
+    order, other = make_order(), make_order()
+    first, second = insert_rows(CloseAttempt, [
+        audit_row(order, request_xml=AWKWARD_TEXT, http_status=None, signature_verified=None),
+        audit_row(other, request_xml="", http_status=200, signature_verified=True, reason=AWKWARD_TEXT),
+    ])
+    one, two = CloseAttempt.objects.get(pk=first), CloseAttempt.objects.get(pk=second)
+    assert (one.request_xml, one.http_status, one.signature_verified, one.reason) == (AWKWARD_TEXT, None, None, "")
+    assert (two.request_xml, two.http_status, two.signature_verified, two.reason) == ("", 200, True, AWKWARD_TEXT)
+    assert one.completed_at is None and one.started_at <= timezone.now() and one.user_id is None
+
+
+def test_on_postgresql_rows_inserted_together_are_one_statement_whatever_their_number(make_order):
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement UNNEST insert is PostgreSQL's")
+    orders = [make_order() for _ in range(7)]
+    with CaptureQueriesContext(connection) as queries:
+        insert_rows(CloseAttempt, [audit_row(order) for order in orders[:3]])
+        insert_rows(CloseAttempt, [audit_row(order) for order in orders[3:]])
+    assert len(queries) == 2 and queries[0]["sql"] == queries[1]["sql"]
+    assert CloseAttempt.objects.count() == 7
 
 
 def test_on_postgresql_the_statements_bind_values_server_side_and_prepare_nothing(make_order):
