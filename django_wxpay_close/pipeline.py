@@ -188,8 +188,13 @@ class ClosePipeline(Generic[Job, Result]):
         return sender
 
     async def _drain(self) -> None:
+        # Every task was spawned before this runs (call_soon_threadsafe keeps order). Done tasks leave the set
+        # here, not only through their done callback: from Python 3.12 on, gather() over tasks that are all
+        # done returns without yielding to the loop, so a callback still queued would never run.
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            tasks = list(self._tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
         for sender in self._senders.values():
             await sender.aclose()
 
