@@ -63,9 +63,14 @@ def _sweep(backend: Backend, sim: SimulatorProcess, orders: int, workers: int) -
 
 
 def _pool(sender: str, sim: SimulatorProcess, calls: int, workers: int) -> Callable[[], Sample]:
+    return _bare("pool", sim, calls, workers, sender=sender)
+
+
+def _bare(task: str, sim: SimulatorProcess, calls: int, workers: int, **kwargs: Any) -> Callable[[], Sample]:
+    """A client with no database: `pool` (a thread per request in flight) or `loop` (the sweep's sender)."""
     def once() -> Sample:
         busy = BusyCores()
-        result = runner.run("pool", base_url=sim.base_url, sender=sender, workers=workers, calls=calls)
+        result = runner.run(task, base_url=sim.base_url, workers=workers, calls=calls, **kwargs)
         result["machine_busy_cores"] = busy.stop()
         return result
 
@@ -118,6 +123,7 @@ def ceiling(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, An
     workers = max(plan.workers)
     sides = {
         f"ours/{backend.name} sweep": _sweep(backend, sim, plan.ceiling_calls, workers),
+        "ours client, event loop": _bare("loop", sim, plan.ceiling_calls, workers),
         "ours client, thread pool": _pool("ours", sim, plan.ceiling_calls, workers),
         "wechatpy, thread pool": _pool("wechatpy", sim, plan.ceiling_calls, workers),
     }

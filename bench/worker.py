@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 
-TASKS = ("audit", "client", "pool", "profile", "service", "seed", "sweep")
+TASKS = ("audit", "client", "loop", "pool", "profile", "service", "seed", "sweep")
 
 
 def main(argv: list[str]) -> int:
