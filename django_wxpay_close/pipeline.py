@@ -29,12 +29,12 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 # Database threads per this many requests in flight. A starter writes the audit rows of every slot freed
-# since its last statement in one INSERT, so one keeps up with 32 requests. Sweeps of 4,000 orders at 32
-# workers and 50 ms on PostgreSQL, two cores: two recorders swept no faster than one (median 78 % of the
-# latency limit either way, 5 alternated pairs) and each close took longer (p50 60 against 56 ms); two
-# starters and two recorders swept 75-77 % against 79-81 %. More threads mostly add contention.
+# since its last statement in one INSERT, so one keeps up with 32 requests; two starters only added
+# contention (75-77 % of the latency limit against 79-81 %). A recorder writes one answer per round trip,
+# which made one recorder the ceiling of a 32-worker sweep on PostgreSQL on two cores: 417-422 closes/s at
+# zero latency against 498-509 with two, and 380-411 against 432-456 at 50 ms (alternated pairs).
 REQUESTS_PER_STARTER = 32
-REQUESTS_PER_RECORDER = 32
+REQUESTS_PER_RECORDER = 16
 
 
 class Guard(Protocol[Result]):
@@ -64,7 +64,8 @@ class ClosePipeline(Generic[Job, Result]):
     statement holds the GIL against the loop, docs/performance.md).
     `waiting` jobs may be queued before `submit` blocks: a sweep queues a claimed batch's worth and more,
     so the starter still has orders while the next batch is claimed. Use it as a context manager: leaving
-    waits for every submitted job to be recorded.
+    waits for every submitted job to be recorded; leaving on an exception (Ctrl-C, a failed claim) first
+    drops the jobs not yet started, so nothing more is sent, and waits only for the requests in flight.
     """
 
     def __init__(self, *, concurrency: int, start: Callable[[list[Job]], list[Sending | Result]],
@@ -91,7 +92,10 @@ class ClosePipeline(Generic[Job, Result]):
     def __enter__(self) -> ClosePipeline[Job, Result]:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:
+            while _next_waiting(self._jobs) is not _NONE_WAITING:
+                pass  # a claimed order dropped here keeps its claim until it lapses, as after a crash
         self.join()
 
     def submit(self, job: Job) -> None:

@@ -456,6 +456,34 @@ def test_when_the_audit_rows_cannot_be_written_nothing_is_sent_and_each_order_is
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
 
 
+def test_an_interrupted_sweep_sends_nothing_more_and_records_what_was_in_flight(make_order, simulator, monkeypatch):
+    from django_wxpay_close import services
+
+    for _ in range(30):
+        make_order()
+    simulator.latency = 0.3
+    claims = []
+    original = services._CloseRun.claim_due_batch
+
+    def claim_due_batch(run: Any, **kwargs: Any) -> Any:
+        claims.append(kwargs)
+        if len(claims) > 1:  # Ctrl-C once requests are in flight and most of the first batch waits
+            deadline = time.monotonic() + 10
+            while not simulator.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+        return original(run, **kwargs)
+
+    monkeypatch.setattr(services._CloseRun, "claim_due_batch", claim_due_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_expired_orders(workers=2, batch_size=30)
+    sent = len(simulator.requests)
+    # The two in flight, and at most one more the starter had taken before the interrupt; not the other 27.
+    assert 1 <= sent <= 3, f"{sent} requests went out"
+    assert CloseAttempt.objects.count() == sent and not CloseAttempt.objects.filter(completed_at__isnull=True).exists()
+    assert Order.objects.filter(state=OrderState.CLOSED).count() == sent
+
+
 def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, simulator):
     for _ in range(12):
         make_order()
