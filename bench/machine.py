@@ -13,7 +13,7 @@ def describe() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     memory_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     packages: dict[str, str | None] = {}
-    for name in ("django", "requests", "urllib3", "defusedxml", "psycopg", "wechatpy", "xmltodict"):
+    for name in ("django", "requests", "urllib3", "aiohttp", "defusedxml", "psycopg", "wechatpy", "xmltodict"):
         try:
             packages[name] = version(name)
         except PackageNotFoundError:

@@ -32,7 +32,7 @@ Result = TypeVar("Result")
 # since its last statement in one INSERT, so one keeps up with 32 requests; two starters only added
 # contention (75-77 % of the latency limit against 79-81 %). A recorder writes one answer per round trip,
 # which made one recorder the ceiling of a 32-worker sweep on PostgreSQL on two cores: 417-422 closes/s at
-# zero latency against 498-509 with two, and 380-411 against 432-456 at 50 ms (alternated pairs).
+# zero latency against 498-509 with two, and 380-403 against 432-456 at 50 ms (alternated pairs).
 REQUESTS_PER_STARTER = 32
 REQUESTS_PER_RECORDER = 16
 
