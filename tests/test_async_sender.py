@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +31,8 @@ Reply = Callable[[socket.socket], None]
 class RawServer:
     """Accepts connections, records each request's bytes, and answers with `reply(connection)`."""
 
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
+    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
+        self.reply, self.tls = reply, tls
         self.requests: list[bytes] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -36,7 +40,7 @@ class RawServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
 
     def close(self) -> None:
         self._listener.close()
@@ -51,6 +55,8 @@ class RawServer:
 
     def _handle(self, connection: socket.socket) -> None:
         with connection, contextlib.suppress(OSError):  # the client hanging up mid-answer is what some tests do
+            if self.tls:
+                connection = self.tls.wrap_socket(connection, server_side=True)  # a refused handshake raises
             received = b""
             while b"\r\n\r\n" not in received:
                 received += connection.recv(65536)
@@ -63,11 +69,11 @@ class RawServer:
 
 
 @pytest.fixture
-def raw_server() -> Iterator[Callable[[Reply], RawServer]]:
+def raw_server() -> Iterator[Callable[..., RawServer]]:
     servers: list[RawServer] = []
 
-    def start(reply: Reply) -> RawServer:
-        servers.append(RawServer(reply))
+    def start(reply: Reply, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(reply, tls))
         return servers[-1]
 
     yield start
@@ -236,3 +242,41 @@ def test_a_socks_proxy_sends_through_the_blocking_client_rather_than_around_the_
 
         assert not sender.uses_event_loop
         assert asyncio.run(send()) == "blocking" and sent == [prepared]
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 that no CA bundle trusts, and a server context that presents it."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return cert, context
+
+
+def test_https_is_verified_against_the_ca_bundle_requests_would_use(raw_server: Callable[..., RawServer],
+                                                                    self_signed: tuple[Path, ssl.SSLContext],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, context = self_signed
+    server = raw_server(http_answer("200 OK", b"<xml></xml>"), context)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    with CloseOrderClient(MERCHANT, base_urls=[server.url]) as client:
+        concurrent, blocking = send_one(client), client.close_order("ORDER-2")
+    assert concurrent.http_status == blocking.http_status == 200 and len(server.requests) == 2
+
+
+def test_an_untrusted_certificate_is_a_tls_error_and_nothing_is_sent(raw_server: Callable[..., RawServer],
+                                                                    self_signed: tuple[Path, ssl.SSLContext],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    server = raw_server(http_answer("200 OK", b"<xml></xml>"), self_signed[1])
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with CloseOrderClient(MERCHANT, base_urls=[server.url]) as client:
+        concurrent, blocking = send_one(client), client.close_order("ORDER-2")
+    assert kind(concurrent.reason) == kind(blocking.reason) == "TLS error"
+    assert concurrent.outcome is blocking.outcome is Outcome.NETWORK_ERROR and server.requests == []

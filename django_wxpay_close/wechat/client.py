@@ -151,7 +151,9 @@ class TransportFailure:
 
 
 def body_too_large(max_response_bytes: int) -> TransportFailure:
-    return TransportFailure(f"response body exceeds the {max_response_bytes}-byte limit", outcome=Outcome.INVALID_RESPONSE)
+    return TransportFailure(
+        f"response body exceeds the {max_response_bytes}-byte limit", outcome=Outcome.INVALID_RESPONSE
+    )
 
 
 def deadline_passed(read_timeout: float) -> str:
