@@ -12,6 +12,7 @@ a crash leaves at most that many unfinished audit rows, each for a request that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from django.db import connections
 from .wechat import CloseOrderClient, CloseResult, PreparedClose
 from .wechat.async_sender import AsyncCloseSender
 
+logger = logging.getLogger("django_wxpay_close")
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -162,7 +164,7 @@ class ClosePipeline(Generic[Job, Result]):
                 self._in_flight.release()
                 self._unrecorded.release()
                 if item is not None:
-                    self._on_result(item)
+                    self._report(item)
 
     # -- the loop's thread -------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class ClosePipeline(Generic[Job, Result]):
             self._in_flight.release()
         if failure is not None:
             self._unrecorded.release()
-            self._on_result(failure)
+            self._report(failure)
 
     def _sender(self, client: CloseOrderClient) -> AsyncCloseSender:
         sender = self._senders.get(client)
@@ -202,6 +204,13 @@ class ClosePipeline(Generic[Job, Result]):
         for sender in self._senders.values():
             await sender.aclose()
 
+    def _report(self, result: Result) -> None:
+        """Hand a result on; a failing observer (a closed stdout, say) must not stop a thread of the pipeline."""
+        try:
+            self._on_result(result)
+        except Exception:  # noqa: BLE001 - the close itself is done and recorded; only its report failed
+            logger.exception("Reporting a close result failed")
+
     # -- recorder threads --------------------------------------------------------------------
 
     def _run_recorder(self) -> None:
@@ -210,7 +219,7 @@ class ClosePipeline(Generic[Job, Result]):
                 result = self._guard(answered.order, lambda: self._record(answered))
                 self._unrecorded.release()
                 if result is not None:
-                    self._on_result(result)
+                    self._report(result)
         finally:
             connections.close_all()
 

@@ -484,6 +484,19 @@ def test_an_interrupted_sweep_sends_nothing_more_and_records_what_was_in_flight(
     assert Order.objects.filter(state=OrderState.CLOSED).count() == sent
 
 
+def test_a_failing_observer_loses_its_reports_but_not_the_closes(make_order, simulator, caplog):
+    for _ in range(6):
+        make_order()
+
+    def on_result(result: Any) -> None:
+        raise BrokenPipeError("stdout went away")
+
+    report = sweep_expired_orders(workers=2, on_result=on_result)
+    assert report.by_action == {CloseAction.CLOSED: 6}
+    assert set(Order.objects.values_list("state", flat=True)) == {OrderState.CLOSED}
+    assert "Reporting a close result failed" in caplog.text
+
+
 def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, simulator):
     for _ in range(12):
         make_order()
