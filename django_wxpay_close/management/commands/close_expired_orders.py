@@ -128,7 +128,7 @@ def _summary(report: CloseReport, *, dry_run: bool) -> dict[str, Any]:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; plain periodic lines otherwise (cron logs). Called from worker threads."""
+    """A tqdm bar on a terminal; plain periodic lines otherwise (cron logs). Called from the pipeline's threads."""
 
     LOG_EVERY_SECONDS = 10.0
 
