@@ -138,16 +138,19 @@ def _combined_sql(statements: tuple[str, ...]) -> str:
     return f"WITH {ctes} SELECT {counts}"
 
 
-@lru_cache(maxsize=128)
-def _insert_sql(model: type[Model], using: str, returning: bool, rows: int = 1) -> tuple[str, tuple[Any, ...]]:
+def _insert_into(model: type[Model], using: str) -> tuple[str, str, tuple[Any, ...]]:
+    """`INSERT INTO table (columns)`, ` RETURNING pk`, and the fields whose values follow, in column order."""
     quote = connections[using].ops.quote_name
     fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key)
+    insert = f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)})"
+    return insert, f" RETURNING {quote(model._meta.pk.column)}", fields
+
+
+@lru_cache(maxsize=128)
+def _insert_sql(model: type[Model], using: str, returning: bool, rows: int = 1) -> tuple[str, tuple[Any, ...]]:
+    insert, returning_pk, fields = _insert_into(model, using)
     row = f"({', '.join(['%s'] * len(fields))})"
-    sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-           f"VALUES {', '.join([row] * rows)}")
-    if returning:
-        sql += f" RETURNING {quote(model._meta.pk.column)}"
-    return sql, fields
+    return f"{insert} VALUES {', '.join([row] * rows)}{returning_pk if returning else ''}", fields
 
 
 def insert_row(model: type[Model], values: Mapping[str, Any], *, using: str = "default") -> int:
@@ -188,13 +191,9 @@ def insert_rows(model: type[Model], rows: Sequence[Mapping[str, Any]], *, using:
 
 @lru_cache(maxsize=16)
 def _unnest_insert_sql(model: type[Model], using: str) -> tuple[str, tuple[Any, ...]]:
-    connection = connections[using]
-    quote = connection.ops.quote_name
-    fields = tuple(f for f in model._meta.concrete_fields if not f.primary_key)
-    arrays = ", ".join(f"(%s)::{f.db_type(connection)}[]" for f in fields)
-    sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-           f"SELECT * FROM UNNEST({arrays}) RETURNING {quote(model._meta.pk.column)}")
-    return sql, fields
+    insert, returning_pk, fields = _insert_into(model, using)
+    arrays = ", ".join(f"(%s)::{f.db_type(connections[using])}[]" for f in fields)
+    return f"{insert} SELECT * FROM UNNEST({arrays}){returning_pk}", fields
 
 
 def _insert_params(fields: tuple[Any, ...], values: Mapping[str, Any], connection: BaseDatabaseWrapper) -> list[Any]:
@@ -218,7 +217,7 @@ def _cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
     """A cursor for these statements; on PostgreSQL with psycopg 3, one that binds values server-side.
 
     Django's default psycopg 3 cursor binds client-side: it quotes every value into the SQL text in
-    Python, two dozen of them for the audit row, on the GIL the sweep's workers share. Server-side
+    Python, two dozen of them for the audit row, on the GIL the sweep's threads share. Server-side
     binding sends them as parameters (a sweep at 32 workers: 64-69 % -> 67-73 % of the latency limit,
     docs/performance.md). It is the cursor Django itself uses with `OPTIONS["server_side_binding"]`, made
     here for these statements only, and wrapped like any Django cursor (execute wrappers, query logging,

@@ -7,12 +7,10 @@ chosen per test (a trickle, an oversized body, a redirect) and records what it r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,56 +22,18 @@ from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID, Fault
 from django_wxpay_close.wechat import CloseOrderClient, CloseResult, Merchant, Outcome, PreparedClose
 from django_wxpay_close.wechat.async_sender import AsyncCloseSender
 
+from .raw_http import Answer as Reply
+from .raw_http import RawHTTPServer
+
 MERCHANT = Merchant(APPID, MCH_ID, SUB_MCH_ID, API_KEY)
-Reply = Callable[[socket.socket], None]
-
-
-class RawServer:
-    """Accepts connections, records each request's bytes, and answers with `reply(connection)`."""
-
-    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
-        self.reply, self.tls = reply, tls
-        self.requests: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
-
-    def _handle(self, connection: socket.socket) -> None:
-        with connection, contextlib.suppress(OSError):  # the client hanging up mid-answer is what some tests do
-            if self.tls:
-                connection = self.tls.wrap_socket(connection, server_side=True)  # a refused handshake raises
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += connection.recv(65536)
-            head, _, body = received.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            while len(body) < length:
-                body += connection.recv(65536)
-            self.requests.append(head + b"\r\n\r\n" + body)
-            self.reply(connection)
 
 
 @pytest.fixture
-def raw_server() -> Iterator[Callable[..., RawServer]]:
-    servers: list[RawServer] = []
+def raw_server() -> Iterator[Callable[..., RawHTTPServer]]:
+    servers: list[RawHTTPServer] = []
 
-    def start(reply: Reply, tls: ssl.SSLContext | None = None) -> RawServer:
-        servers.append(RawServer(reply, tls))
+    def start(reply: Reply, tls: ssl.SSLContext | None = None) -> RawHTTPServer:
+        servers.append(RawHTTPServer(reply, tls))
         return servers[-1]
 
     yield start
@@ -127,7 +87,7 @@ def test_every_answer_and_fault_means_what_it_means_to_the_blocking_client(fault
         blocking.outcome, blocking.http_status, blocking.signature_verified, kind(blocking.reason))
 
 
-def test_the_request_bytes_and_headers_are_the_blocking_clients(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_the_request_bytes_and_headers_are_the_blocking_clients(raw_server: Callable[..., RawHTTPServer]) -> None:
     server = raw_server(http_answer("200 OK", b"<xml></xml>"))
     with CloseOrderClient(MERCHANT, base_urls=[server.url]) as client:
         prepared = client.prepare("ORDER-1")
@@ -153,14 +113,14 @@ def test_many_requests_are_in_flight_at_once_from_one_thread() -> None:
     assert arrivals[-1] - arrivals[0] < 0.5, "a request waited for another's answer before it was sent"
 
 
-def test_an_oversized_answer_is_invalid_response(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_an_oversized_answer_is_invalid_response(raw_server: Callable[..., RawHTTPServer]) -> None:
     server = raw_server(http_answer("200 OK", b"<xml>" + b"x" * 5000 + b"</xml>"))
     with CloseOrderClient(MERCHANT, base_urls=[server.url], max_response_bytes=1000) as client:
         result = send_one(client)
     assert result.outcome is Outcome.INVALID_RESPONSE and "1000-byte limit" in result.reason
 
 
-def test_an_answer_still_trickling_in_at_the_deadline_is_network_error(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_an_answer_still_trickling_in_at_the_deadline_is_network_error(raw_server: Callable[..., RawHTTPServer]) -> None:
     def trickle(connection: socket.socket) -> None:
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
         for _ in range(100):
@@ -175,14 +135,14 @@ def test_an_answer_still_trickling_in_at_the_deadline_is_network_error(raw_serve
     assert time.monotonic() - started < 2
 
 
-def test_a_silent_server_is_a_read_timeout(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_a_silent_server_is_a_read_timeout(raw_server: Callable[..., RawHTTPServer]) -> None:
     server = raw_server(lambda connection: time.sleep(1.5))
     with CloseOrderClient(MERCHANT, base_urls=[server.url], read_timeout=0.3) as client:
         result = send_one(client)
     assert result.outcome is Outcome.NETWORK_ERROR and kind(result.reason) == "read timeout"
 
 
-def test_a_redirect_is_not_followed(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_a_redirect_is_not_followed(raw_server: Callable[..., RawHTTPServer]) -> None:
     server = raw_server(http_answer("302 Found", b"", "Location: http://127.0.0.1:9/elsewhere"))
     with CloseOrderClient(MERCHANT, base_urls=[server.url]) as client:
         result = send_one(client)
@@ -204,7 +164,7 @@ def test_a_refused_primary_fails_over_to_the_next_url() -> None:
     assert result.failed_over_from == refused + "/pay/closeorder" and result.url.startswith(simulator.base_url)
 
 
-def test_a_read_timeout_does_not_fail_over(raw_server: Callable[[Reply], RawServer]) -> None:
+def test_a_read_timeout_does_not_fail_over(raw_server: Callable[..., RawHTTPServer]) -> None:
     silent = raw_server(lambda connection: time.sleep(1.5))
     with WeChatPaySimulator(unknown_orders="open") as simulator:
         with CloseOrderClient(MERCHANT, base_urls=[silent.url, simulator.base_url], read_timeout=0.3) as client:
@@ -213,7 +173,7 @@ def test_a_read_timeout_does_not_fail_over(raw_server: Callable[[Reply], RawServ
     assert result.outcome is Outcome.NETWORK_ERROR and result.failed_over_from is None
 
 
-def test_an_http_proxy_from_the_environment_is_used(raw_server: Callable[[Reply], RawServer],
+def test_an_http_proxy_from_the_environment_is_used(raw_server: Callable[..., RawHTTPServer],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = raw_server(http_answer("200 OK", b"<xml></xml>"))
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
@@ -259,7 +219,7 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSL
     return cert, context
 
 
-def test_https_is_verified_against_the_ca_bundle_requests_would_use(raw_server: Callable[..., RawServer],
+def test_https_is_verified_against_the_ca_bundle_requests_would_use(raw_server: Callable[..., RawHTTPServer],
                                                                     self_signed: tuple[Path, ssl.SSLContext],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     cert, context = self_signed
@@ -270,7 +230,7 @@ def test_https_is_verified_against_the_ca_bundle_requests_would_use(raw_server: 
     assert concurrent.http_status == blocking.http_status == 200 and len(server.requests) == 2
 
 
-def test_an_untrusted_certificate_is_a_tls_error_and_nothing_is_sent(raw_server: Callable[..., RawServer],
+def test_an_untrusted_certificate_is_a_tls_error_and_nothing_is_sent(raw_server: Callable[..., RawHTTPServer],
                                                                     self_signed: tuple[Path, ssl.SSLContext],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     server = raw_server(http_answer("200 OK", b"<xml></xml>"), self_signed[1])

@@ -9,7 +9,6 @@ for a correctly signed SUCCESS answer. Bad settings are refused before anything 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID, WeCha
 from django_wxpay_close.wechat import CLOSEORDER_PATH, Outcome, SignType, compute_signature
 
 from .conftest import OTHER_API_KEY
+from .raw_http import RawHTTPServer
 
 FAKE_WECHAT = "http://127.0.0.1:9"  # never connected to: `responses` answers for it
 EXAMPLES = 120
@@ -276,47 +276,6 @@ def test_a_signed_answer_with_a_non_2xx_status_never_changes_an_order(fuzzer: Fu
 
 
 # -- endless bodies over a real socket: memory and time stay bounded ------------------------------------------------
-
-
-class RawHTTPServer:
-    """A loopback server that reads one request per connection and lets `answer(conn)` write anything back."""
-
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.bytes_sent = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> RawHTTPServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.listener.close()
-        self._thread.join(timeout=5)
-
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(65536)
-            head, _, body = request.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            while len(body) < length:
-                body += conn.recv(65536)
-            try:
-                self.answer(conn)
-            except OSError:
-                pass  # the client hung up: what it should do
-
-    def send(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(data)
-        self.bytes_sent += len(data)
 
 
 def test_an_endless_body_is_cut_off_at_the_cap_in_bounded_memory(make_order: Callable[..., Order],

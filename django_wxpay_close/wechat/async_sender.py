@@ -76,7 +76,8 @@ class AsyncCloseSender:
             # One kept-alive connection per request in flight, as the blocking client's pool keeps per worker.
             connector=aiohttp.TCPConnector(limit=self._concurrency),
             headers=dict(self.client.session.headers),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
+            # `total` is per URL, body download included: the blocking client's deadline.
+            timeout=aiohttp.ClientTimeout(total=self.client.deadline, sock_connect=connect, sock_read=read),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # as the blocking client: the body's bytes are parsed as they came
             trust_env=False,  # proxies and CA bundle were resolved from the environment once, by the client
@@ -87,8 +88,7 @@ class AsyncCloseSender:
         if self._session is None:
             self._session = self._open_session()
         try:
-            # Per URL, body download included, as the blocking client's deadline.
-            return await asyncio.wait_for(self._post(url, body, self._routes[url]), self.client.deadline)
+            return await self._post(url, body, self._routes[url])
         except BodyTooLarge:
             return body_too_large(self.client.max_response_bytes)
         except aiohttp.ConnectionTimeoutError as exc:
