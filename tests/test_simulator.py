@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import select
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -686,6 +688,27 @@ def stop_cli(process: subprocess.Popen[str]) -> int:
         process.kill()
         process.communicate()
     return process.returncode
+
+
+def test_an_answer_leaves_in_one_write() -> None:
+    """Headers and body together, as a real front end sends a small answer: the client wakes once per answer.
+
+    The simulator runs in its own process, as the benchmark runs it: with a GIL shared with the client, two
+    writes would reach the client together anyway.
+    """
+    process, base_url, _ = run_cli()
+    body = encode_xml(signed_fields(SignType.MD5))
+    request = f"POST {CLOSEORDER_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    first_reads = []
+    try:
+        with socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])), timeout=2) as connection:
+            for _ in range(20):
+                connection.sendall(request + body)
+                select.select([connection], [], [], 2)
+                first_reads.append(connection.recv(65536))  # what had arrived when the socket became readable
+    finally:
+        stop_cli(process)
+    assert all(read.endswith(b"</xml>") for read in first_reads)
 
 
 def test_cli_prints_base_url_and_a_curl_command_that_gets_a_signed_answer() -> None:

@@ -589,7 +589,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 with exact Content-Length, so clients keep connections alive; all decisions are the simulator's."""
 
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms Nagle/delayed-ACK stall
+    # An answer leaves in one write, headers and body together, as a web server's front end sends a small
+    # answer; written apart, a client in another process reads two segments and wakes twice for one answer,
+    # a cost the real server would not cause it. `_send` flushes the buffer itself.
+    wbufsize = -1
+    disable_nagle_algorithm = True  # an answer never waits for the ACK of the one before it
     server: _SimulatorHTTPServer
 
     def setup(self) -> None:
@@ -635,20 +639,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
-        if self.command == "HEAD":
-            return
-        if reply.reset_after is None:
-            self.wfile.write(reply.body)
-            return
-        self.wfile.write(reply.body[: reply.reset_after])
-        self._reset_connection()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body if reply.reset_after is None else reply.body[: reply.reset_after])
+        self.wfile.flush()
+        if reply.reset_after is not None:
+            self._reset_connection()
 
     def _reset_connection(self) -> None:
         """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # The buffered reader holds a reference to the socket: the close is only real once it is closed too.
+        # The buffered reader and writer hold references to the socket: the close is only real once they are closed.
         self.rfile.close()
+        self.wfile.close()
         self.connection.close()
 
     def log_message(self, format: str, *args: object) -> None:
