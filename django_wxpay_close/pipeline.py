@@ -1,12 +1,14 @@
 """How many closes run at once: database threads on either side of one event-loop thread for the network.
 
-    starter threads ── claim check, sign, audit row ──▶ event loop: every request in flight at once
+    starter threads ── audit rows (after `start`'s checks) ──▶ event loop: every request in flight at once
     recorder threads ◀── answer on the audit row and the order ──┘
 
 A thread per request in flight (the obvious design) spends its CPU handing the GIL around once there are
 dozens of them; here a few threads do the database work, which blocks, and one loop waits on the network
-(docs/performance.md measures both). `concurrency` bounds the requests started and not yet answered, so
-a crash leaves at most that many unfinished audit rows, each for a request that really went out.
+(docs/performance.md measures both). Work that needs no request slot belongs before `submit`: the sweep
+checks and signs each order in the thread that claims them, so a freed slot waits only for its audit row.
+`concurrency` bounds the requests started and not yet answered, so a crash leaves at most that many
+unfinished audit rows, each for a request that really went out.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ class ClosePipeline(Generic[Job, Result]):
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
+    def report(self, result: Result) -> None:
+        """Hand a result on (also one the caller settled without sending); a failing observer (a closed
+        stdout, say) must stop neither a thread of the pipeline nor the caller's loop."""
+        try:
+            self._on_result(result)
+        except Exception:  # noqa: BLE001 - the close itself is done and recorded; only its report failed
+            logger.exception("Reporting a close result failed")
+
     def join(self) -> None:
         """Wait until every submitted job is recorded, then stop the threads and the loop."""
         try:
@@ -164,7 +174,7 @@ class ClosePipeline(Generic[Job, Result]):
                 self._in_flight.release()
                 self._unrecorded.release()
                 if item is not None:
-                    self._report(item)
+                    self.report(item)
 
     # -- the loop's thread -------------------------------------------------------------------
 
@@ -185,7 +195,7 @@ class ClosePipeline(Generic[Job, Result]):
             self._in_flight.release()
         if failure is not None:
             self._unrecorded.release()
-            self._report(failure)
+            self.report(failure)
 
     def _sender(self, client: CloseOrderClient) -> AsyncCloseSender:
         sender = self._senders.get(client)
@@ -204,13 +214,6 @@ class ClosePipeline(Generic[Job, Result]):
         for sender in self._senders.values():
             await sender.aclose()
 
-    def _report(self, result: Result) -> None:
-        """Hand a result on; a failing observer (a closed stdout, say) must not stop a thread of the pipeline."""
-        try:
-            self._on_result(result)
-        except Exception:  # noqa: BLE001 - the close itself is done and recorded; only its report failed
-            logger.exception("Reporting a close result failed")
-
     # -- recorder threads --------------------------------------------------------------------
 
     def _run_recorder(self) -> None:
@@ -219,7 +222,7 @@ class ClosePipeline(Generic[Job, Result]):
                 result = self._guard(answered.order, lambda: self._record(answered))
                 self._unrecorded.release()
                 if result is not None:
-                    self._report(result)
+                    self.report(result)
         finally:
             connections.close_all()
 

@@ -381,14 +381,14 @@ def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close
 
     orders = [make_order() for _ in range(4)]
     broken = orders[1].out_trade_no
-    original = services._CloseRun._ready_to_send
+    original = services._CloseRun._check_and_sign
 
-    def ready_to_send(run: Any, order: Order) -> Any:
+    def check_and_sign(run: Any, order: Order) -> Any:
         if order.out_trade_no == broken:
             raise TypeError("a bug in our code")
         return original(run, order)
 
-    monkeypatch.setattr(services._CloseRun, "_ready_to_send", ready_to_send)
+    monkeypatch.setattr(services._CloseRun, "_check_and_sign", check_and_sign)
     report = sweep_expired_orders(workers=2)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
 
@@ -494,6 +494,24 @@ def test_a_failing_observer_loses_its_reports_but_not_the_closes(make_order, sim
     report = sweep_expired_orders(workers=2, on_result=on_result)
     assert report.by_action == {CloseAction.CLOSED: 6}
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.CLOSED}
+    assert "Reporting a close result failed" in caplog.text
+
+
+def test_a_failing_observer_does_not_stop_the_sweep_on_an_order_settled_before_sending(
+    make_order, wxpay_settings, simulator, caplog,
+):
+    # An order of a merchant missing from the settings is settled while the sweep checks it, before it is queued.
+    unconfigured = make_order(merchant="other")
+    del wxpay_settings["MERCHANTS"]["other"]
+    good = [make_order() for _ in range(3)]
+
+    def on_result(result: Any) -> None:
+        raise BrokenPipeError("stdout went away")
+
+    report = sweep_expired_orders(workers=2, on_result=on_result)
+    assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.CONFIGURATION_ERROR: 1}
+    assert all(Order.objects.get(pk=o.pk).state == OrderState.CLOSED for o in good)
+    assert Order.objects.get(pk=unconfigured.pk).state == OrderState.OPEN
     assert "Reporting a close result failed" in caplog.text
 
 
