@@ -376,9 +376,8 @@ class _CloseRun:
         return _guarded(order, lambda: self._check_and_sign(order))
 
     def start_ready_many(self, items: Sequence[_Ready | OrderCloseResult]) -> list[Sending | OrderCloseResult]:
-        """Write the audit rows of prepared orders still to be sent, in one statement; results pass through.
-
-        A merchant halted, or a lease lost, since an order was prepared stops it here, before its row.
+        """Write the audit rows of checked and signed orders still to be sent, in one statement; results pass
+        through. A merchant halted, or a lease lost, since an order was checked stops it here, before its row.
         """
         ready = [_guarded(item.order, lambda: self._still_to_send(item)) if isinstance(item, _Ready) else item
                  for item in items]
