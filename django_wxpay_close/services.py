@@ -593,13 +593,17 @@ def close_orders(
     workers = workers or settings.workers
     run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
     report = CloseReport(observer=on_result)
-    pipeline: ClosePipeline[Order, OrderCloseResult] = ClosePipeline(
-        concurrency=workers, start=run.claim_and_start_many, answered=run.answered, record=run.record,
-        on_result=report.add, guard=_guarded, waiting=workers * 2)
-    with pipeline:
+    with _pipeline(run, report, start=run.claim_and_start_many, workers=workers, waiting=workers * 2) as pipeline:
         for order in orders:
             pipeline.submit(order)
     return report.finish()
+
+
+def _pipeline(run: _CloseRun, report: CloseReport, *, start: Callable[[list[Any]], list[Sending | OrderCloseResult]],
+              workers: int, waiting: int) -> ClosePipeline[Any, OrderCloseResult]:
+    """`workers` requests in flight at once; `start` takes chosen orders (the admin) or checked ones (the sweep)."""
+    return ClosePipeline(concurrency=workers, start=start, answered=run.answered, record=run.record,
+                         on_result=report.add, guard=_guarded, waiting=waiting)
 
 
 def sweep_expired_orders(
@@ -634,11 +638,8 @@ def sweep_expired_orders(
         return report.finish()
 
     claimed_total = 0
-    pipeline: ClosePipeline[_Ready, OrderCloseResult] = ClosePipeline(
-        concurrency=workers, start=run.start_ready_many, answered=run.answered, record=run.record,
-        on_result=report.add, guard=_guarded, waiting=batch_size + workers)
     # This thread claims the next batch, and checks and signs its orders, while the last one's are being sent.
-    with pipeline:
+    with _pipeline(run, report, start=run.start_ready_many, workers=workers, waiting=batch_size + workers) as pipeline:
         while limit is None or claimed_total < limit:
             size = batch_size if limit is None else min(batch_size, limit - claimed_total)
             batch = run.claim_due_batch(now=timezone.now(), limit=size, merchants=merchants, older_than=older_than)

@@ -11,9 +11,8 @@ from django_wxpay_close.wechat import CloseOrderClient, Merchant, Outcome, SignT
 from django_wxpay_close.wechat.async_sender import AsyncCloseSender
 
 from ..machine import cpu_seconds
-from ..stats import percentile, windows
+from .pool import summary
 from .senders import order_numbers
-from .sweep import WINDOWS
 
 
 def run(*, base_url: str, workers: int, calls: int, **_unused: Any) -> dict[str, Any]:
@@ -51,9 +50,4 @@ async def _run(base_url: str, workers: int, calls: int) -> dict[str, Any]:
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     finally:
         await sender.aclose()
-    latencies.sort()
-    return {
-        "sender": "ours-loop", "workers": workers, "handled": calls, "wall_s": wall, "cpu_s": cpu,
-        "cores": cpu / wall, "closes_per_s": calls / wall, "window_closes_per_s": windows(finished, started, WINDOWS),
-        "latency_ms_p50": percentile(latencies, 0.50), "latency_ms_p99": percentile(latencies, 0.99),
-    }
+    return summary("ours-loop", workers, started, wall, cpu, finished, latencies)

@@ -31,7 +31,14 @@ def run(*, sender: str, base_url: str, workers: int, calls: int, **_unused: Any)
         cpu, started = cpu_seconds(), time.perf_counter()
         list(pool.map(timed, [next_number() for _ in range(calls)]))
         wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    latencies.sort()
+    return summary(sender, workers, started, wall, cpu, finished, latencies)
+
+
+def summary(sender: str, workers: int, started: float, wall: float, cpu: float, finished: list[float],
+            latencies: list[float]) -> dict[str, Any]:
+    """One run of bare closes: throughput overall and per window (as the sweep's), latency, CPU."""
+    latencies = sorted(latencies)
+    calls = len(finished)
     return {
         "sender": sender, "workers": workers, "handled": calls, "wall_s": wall, "cpu_s": cpu, "cores": cpu / wall,
         "closes_per_s": calls / wall, "window_closes_per_s": windows(finished, started, WINDOWS),
