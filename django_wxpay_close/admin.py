@@ -200,8 +200,10 @@ class CloseAttemptInline(admin.TabularInline):
 
 
 def outcome_badge(attempt: CloseAttempt) -> str:
+    if attempt.was_withdrawn:
+        return format_html('<strong style="color:{}">{}</strong>', "#616161", "not sent")
     if not attempt.outcome:
-        return format_html('<strong style="color:#b26a00">unfinished</strong> (no answer recorded)')
+        return format_html('<strong style="color:{}">{}</strong> (no answer recorded)', "#b26a00", "unfinished")
     outcome = Outcome(attempt.outcome)
     colour = "#2e7d32" if outcome.order_is_closed or outcome is Outcome.PAID else (
         "#b26a00" if outcome.is_retryable else "#c62828")

@@ -115,7 +115,9 @@ class CloseAttemptQuerySet(models.QuerySet["CloseAttempt"]):
 class CloseAttempt(models.Model):
     """One closeorder HTTP exchange. Created before the request leaves, completed once after.
 
-    An attempt with no `completed_at` is one whose process died (or is still waiting) mid-request.
+    An attempt with no `completed_at` is one whose process died (or is still waiting) mid-request, or a
+    moment before its request left: the sweep writes a few rows ahead of its free request slots. A completed
+    attempt without an outcome was called off before its request left (`was_withdrawn`; `reason` says why).
     """
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts")
@@ -152,11 +154,17 @@ class CloseAttempt(models.Model):
         indexes = [models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx")]
 
     def __str__(self) -> str:
-        return f"closeorder {self.out_trade_no} at {self.started_at:%Y-%m-%d %H:%M:%S}: {self.outcome or 'unfinished'}"
+        status = self.outcome or ("not sent" if self.was_withdrawn else "unfinished")
+        return f"closeorder {self.out_trade_no} at {self.started_at:%Y-%m-%d %H:%M:%S}: {status}"
 
     @property
     def is_finished(self) -> bool:
         return self.completed_at is not None
+
+    @property
+    def was_withdrawn(self) -> bool:
+        """Completed with no exchange: every answer, even no answer at all, is recorded with an outcome."""
+        return self.completed_at is not None and not self.outcome
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self._state.adding:

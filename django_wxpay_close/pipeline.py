@@ -6,14 +6,18 @@
 A thread per request in flight (the obvious design) spends its CPU handing the GIL around once there are
 dozens of them; here a few threads do the database work, which blocks, and one loop waits on the network
 (docs/performance.md measures both). Work that needs no request slot belongs before `submit`: the sweep
-checks and signs each order in the thread that claims them, so a freed slot waits only for its audit row.
-`concurrency` bounds the requests started and not yet answered, so a crash leaves at most that many
-unfinished audit rows, each for a request that really went out.
+checks and signs each order in the thread that claims them. The starters also write a few audit rows ahead
+of the free slots (one per `REQUESTS_PER_ROW_AHEAD` requests), so a slot freed by an answer is refilled by the
+loop at once rather than after a round trip to the database and two thread hand-offs. `concurrency` bounds
+the requests in flight; a crash leaves at most that many unfinished audit rows plus the rows written ahead,
+whose requests had not left yet. A row written ahead whose close must not go out any more (its merchant
+halted, the caller interrupted) is completed as not sent, through `withdraw`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -39,6 +43,10 @@ Result = TypeVar("Result")
 # zero latency against 498-509 with two, and 380-403 against 432-456 at 50 ms (alternated pairs).
 REQUESTS_PER_STARTER = 32
 REQUESTS_PER_RECORDER = 16
+# Audit rows written ahead of a free slot, per this many requests in flight. A starter's round trip plus its
+# two hand-offs took 8 of a slot's 65 ms at 32 workers and 50 ms on two cores; with rows ahead the loop
+# refills a slot at once: 87 % -> 95 % of the latency limit in alternated pairs (docs/performance.md).
+REQUESTS_PER_ROW_AHEAD = 4
 
 
 class Guard(Protocol[Result]):
@@ -66,6 +74,9 @@ class ClosePipeline(Generic[Job, Result]):
     `answered(sending, result)` runs in the loop's thread and must not touch the database; `record` does
     the writing, one answer per statement (writing queued answers together was slower: building one long
     statement holds the GIL against the loop, docs/performance.md).
+    `withdraw(sending, interrupted)` runs in the loop's thread just before a started close is sent (its row
+    may have been written a little ahead): None sends it; anything else is recorded instead of an answer.
+    `interrupted` is true once the caller left on an exception: nothing more may be sent.
     `waiting` jobs may be queued before `submit` blocks: a sweep queues a claimed batch's worth and more,
     so the starter still has orders while the next batch is claimed. Use it as a context manager: leaving
     waits for every submitted job to be recorded; leaving on an exception (Ctrl-C, a failed claim) first
@@ -73,12 +84,16 @@ class ClosePipeline(Generic[Job, Result]):
     """
 
     def __init__(self, *, concurrency: int, start: Callable[[list[Job]], list[Sending | Result]],
-                 answered: Callable[[Sending, CloseResult], Any], record: Callable[[Any], Result],
-                 on_result: Callable[[Result], None], guard: Guard[Result], waiting: int) -> None:
+                 answered: Callable[[Sending, CloseResult], Any], withdraw: Callable[[Sending, bool], Any | None],
+                 record: Callable[[Any], Result], on_result: Callable[[Result], None], guard: Guard[Result],
+                 waiting: int) -> None:
         self._concurrency = max(concurrency, 1)
-        self._start, self._answered, self._record = start, answered, record
+        self._rows_ahead = -(-self._concurrency // REQUESTS_PER_ROW_AHEAD)
+        self._start, self._answered, self._withdraw, self._record = start, answered, withdraw, record
         self._on_result, self._guard = on_result, guard
-        self._in_flight = threading.BoundedSemaphore(self._concurrency)  # started, not yet answered
+        # Audit rows written and not yet answered (or withdrawn): what a crash can leave unfinished.
+        self._started = threading.BoundedSemaphore(self._concurrency + self._rows_ahead)
+        self._interrupted = False
         # Answers waiting for their write: bounded too, so a slow database holds the starters back, not memory.
         self._unrecorded = threading.BoundedSemaphore(self._concurrency * 3)
         self._loop = asyncio.new_event_loop()
@@ -88,6 +103,8 @@ class ClosePipeline(Generic[Job, Result]):
         self._loop_thread.start()
         self._senders: dict[CloseOrderClient, AsyncCloseSender] = {}  # the loop's thread only
         self._tasks: set[asyncio.Task[None]] = set()  # the loop's thread only
+        self._to_send: collections.deque[Sending] = collections.deque()  # the loop's thread only: rows written
+        self._sending = 0  # the loop's thread only: tasks holding one of the `concurrency` slots
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=max(waiting, 1))  # full: the submitter waits
         self._answers: queue.Queue[Any] = queue.Queue()  # unbounded (`_unrecorded` bounds it): the loop never waits
         self._starters = _threads(self._run_starter, "wxpay-start", -(-self._concurrency // REQUESTS_PER_STARTER))
@@ -98,6 +115,7 @@ class ClosePipeline(Generic[Job, Result]):
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is not None:
+            self._interrupted = True  # the loop withdraws what it has not sent yet
             while _next_waiting(self._jobs) is not _NONE_WAITING:
                 pass  # a claimed order dropped here keeps its claim until it lapses, as after a crash
         self.join()
@@ -148,20 +166,25 @@ class ClosePipeline(Generic[Job, Result]):
         True as the second value when the stop marker came up: this thread stops after starting these.
         """
         self._unrecorded.acquire()
-        self._in_flight.acquire()
+        self._started.acquire()
         while self._unrecorded.acquire(blocking=False):
-            if not self._in_flight.acquire(blocking=False):
+            if not self._started.acquire(blocking=False):
                 self._unrecorded.release()
                 break
             job = _next_waiting(self._jobs)
             if job is _NONE_WAITING or job is _STOP:
-                self._in_flight.release()
+                self._started.release()
                 self._unrecorded.release()
                 return jobs, job is _STOP
             jobs.append(job)
         return jobs, False
 
     def _start_jobs(self, jobs: list[Job]) -> None:
+        if self._interrupted:  # dropped like the jobs still queued: no row, and the claims lapse
+            for _ in jobs:
+                self._started.release()
+                self._unrecorded.release()
+            return
         try:
             started = self._start(jobs)
         except Exception as exc:  # noqa: BLE001 - `start` isolates orders itself; this is a bug around it
@@ -171,7 +194,7 @@ class ClosePipeline(Generic[Job, Result]):
             self._loop.call_soon_threadsafe(self._spawn_all, sending)
         for item in started:
             if not isinstance(item, Sending):
-                self._in_flight.release()
+                self._started.release()
                 self._unrecorded.release()
                 if item is not None:
                     self.report(item)
@@ -179,20 +202,32 @@ class ClosePipeline(Generic[Job, Result]):
     # -- the loop's thread -------------------------------------------------------------------
 
     def _spawn_all(self, started: list[Sending]) -> None:
-        for sending in started:
-            task = self._loop.create_task(self._send(sending))
+        self._to_send.extend(started)
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        while self._to_send and self._sending < self._concurrency:
+            self._sending += 1
+            task = self._loop.create_task(self._send(self._to_send.popleft()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, sending: Sending) -> None:
+        # A task spawned by `_fill_slots` takes its first step only after the task that freed the slot has
+        # decided its answer, so a halt decided there is seen by `withdraw` here.
         try:
-            result = await self._sender(sending.client).send(sending.prepared)
+            try:
+                if (instead := self._withdraw(sending, self._interrupted)) is None:
+                    result = await self._sender(sending.client).send(sending.prepared)
+            finally:
+                self._sending -= 1
+                self._fill_slots()
+            failure = self._guard(sending.order, lambda: self._answers.put(
+                self._answered(sending, result) if instead is None else instead))
         except Exception as exc:  # a bug, not the network (the sender turns that into a result): report it
             failure = self._guard(sending.order, partial(_reraise, exc))
-        else:
-            failure = self._guard(sending.order, lambda: self._answers.put(self._answered(sending, result)))
         finally:
-            self._in_flight.release()
+            self._started.release()
         if failure is not None:
             self._unrecorded.release()
             self.report(failure)

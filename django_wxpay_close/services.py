@@ -110,6 +110,7 @@ _ACTION_SINGULAR = {
 
 CLAIMED_ELSEWHERE = "a close is already in flight for it"
 MERCHANT_HALTED = "its merchant hit a configuration error earlier in this run"
+RUN_INTERRUPTED = "the run was interrupted before its request left"
 
 
 class InvalidTransition(Exception):
@@ -434,8 +435,18 @@ class _CloseRun:
         """Decided the moment the answer arrives, not when it is written: a halt must stop sends at once."""
         return _Answered(sending.order, sending.attempt, result, self._decide(sending.order, result, timezone.now()))
 
-    def record(self, answered: _Answered) -> OrderCloseResult:
+    def withdraw(self, sending: Sending, interrupted: bool) -> _Withdrawn | None:
+        """Whether a started close, its row written a moment ahead of its request, must stay unsent after all."""
+        if interrupted:
+            return _Withdrawn(sending.order, sending.attempt, RUN_INTERRUPTED, timezone.now())
+        if sending.order.merchant in self.halted:
+            return _Withdrawn(sending.order, sending.attempt, MERCHANT_HALTED, timezone.now())
+        return None
+
+    def record(self, answered: _Answered | _Withdrawn) -> OrderCloseResult:
         """Write the answer on the audit row and its consequence on the order, in one statement where possible."""
+        if isinstance(answered, _Withdrawn):
+            return self._record_withdrawn(answered)
         order, attempt, result, decision = answered.order, answered.attempt, answered.result, answered.decision
         completion = attempt.completion(completed_at=decision.answered_at, **_audit_answer(result))
         completed, changed = update_rows(completion, decision.update)
@@ -457,6 +468,18 @@ class _CloseRun:
                    "attempt_id": attempt.pk},
         )
         return _order_result(order, action, reason, outcome=result.outcome, attempt=attempt, duration=result.elapsed)
+
+    def _record_withdrawn(self, withdrawn: _Withdrawn) -> OrderCloseResult:
+        """Complete the row of a request that never left, saying so, and give the order's claim back."""
+        order, attempt = withdrawn.order, withdrawn.attempt
+        completion = attempt.completion(completed_at=withdrawn.at, reason=f"not sent: {withdrawn.reason}")
+        completed, _released = update_rows(completion, self._release_update(order))
+        if completed:
+            completion.apply_to(attempt)
+        logger.info("closeorder %s not sent: %s", order.out_trade_no, withdrawn.reason,
+                    extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
+                           "action": CloseAction.SKIPPED.value, "attempt_id": attempt.pk})
+        return _order_result(order, CloseAction.SKIPPED, withdrawn.reason, attempt=attempt)
 
     def _decide(self, order: Order, result: CloseResult, now: datetime) -> _Decision:
         """What WeChat's answer means for the order (PROTOCOL.md's outcome table); nothing is written here."""
@@ -537,6 +560,16 @@ class _Ready:
 
 
 @dataclass(frozen=True)
+class _Withdrawn:
+    """A started close that was not sent after all: its audit row is completed with why, and no answer."""
+
+    order: Order
+    attempt: CloseAttempt
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class _Answered:
     """An answer between its arrival and its write: what was sent, what came back, what it means."""
 
@@ -602,8 +635,8 @@ def close_orders(
 def _pipeline(run: _CloseRun, report: CloseReport, *, start: Callable[[list[Any]], list[Sending | OrderCloseResult]],
               workers: int, waiting: int) -> ClosePipeline[Any, OrderCloseResult]:
     """`workers` requests in flight at once; `start` takes chosen orders (the admin) or checked ones (the sweep)."""
-    return ClosePipeline(concurrency=workers, start=start, answered=run.answered, record=run.record,
-                         on_result=report.add, guard=_guarded, waiting=waiting)
+    return ClosePipeline(concurrency=workers, start=start, answered=run.answered, withdraw=run.withdraw,
+                         record=run.record, on_result=report.add, guard=_guarded, waiting=waiting)
 
 
 def sweep_expired_orders(

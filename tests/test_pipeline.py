@@ -17,7 +17,8 @@ def test_leaving_ends_when_a_finished_send_is_still_listed_as_in_flight(transact
     # A task that is done but whose done-callback has not yet taken it off the list: Python 3.12+'s gather()
     # returns at once for such tasks without yielding to the loop, which once made leaving spin forever.
     pipeline: ClosePipeline[Any, Any] = ClosePipeline(
-        concurrency=1, start=lambda jobs: [], answered=lambda sending, result: None, record=lambda answered: None,
+        concurrency=1, start=lambda jobs: [], answered=lambda sending, result: None,
+        withdraw=lambda sending, interrupted: None, record=lambda answered: None,
         on_result=lambda result: None, guard=lambda order, step: step(), waiting=1,
     )
 
