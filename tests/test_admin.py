@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
-from django_wxpay_close.services import close_order
+from django_wxpay_close.services import close_order, sweep_expired_orders
 from django_wxpay_close.testing import API_KEY, Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
@@ -257,6 +257,23 @@ def test_the_order_page_shows_the_audit_trail_newest_first_and_never_the_api_key
     assert newest < oldest
     assert "&lt;out_trade_no&gt;TWICE&lt;/out_trade_no&gt;" in page  # the request XML, escaped and pretty-printed
     assert API_KEY not in page
+
+
+def test_a_row_written_ahead_and_called_off_shows_as_not_sent_with_its_reason(admin_client, make_order, simulator,
+                                                                             wxpay_settings):
+    wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4  # the first answer halts the merchant
+    for _ in range(2):
+        make_order(merchant="other")
+    simulator.latency = 0.3  # the second row is written while the first request waits
+    sweep_expired_orders(workers=1)
+    [withdrawn] = [attempt for attempt in CloseAttempt.objects.all() if attempt.was_withdrawn]
+
+    listing = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_changelist")).content.decode()
+    page = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_change", args=[withdrawn.pk])).content.decode()
+
+    assert listing.count(">not sent</strong>") == 1 and ">configuration error</strong>" in listing
+    assert ">not sent</strong>" in page and "not sent: its merchant hit a configuration error" in page
+    assert str(withdrawn).endswith(": not sent")
 
 
 def test_the_order_page_is_view_only(admin_client, make_order):

@@ -84,8 +84,9 @@ def crash(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, make_or
     return Crash(killed_at, in_flight, rows - in_flight, frozenset(claimed), orders)
 
 
-def test_a_killed_sweeper_leaves_exactly_its_in_flight_requests_unfinished_in_the_audit(crash: Crash,
-                                                                                       simulator: WeChatPaySimulator):
+def test_a_killed_sweeper_leaves_its_in_flight_requests_and_its_rows_written_ahead_unfinished(
+    crash: Crash, simulator: WeChatPaySimulator,
+):
     unfinished = CloseAttempt.objects.unfinished()
     assert len(crash.in_flight) == WORKERS
     # Not lost: every request WeChat received has its row. Not invented beyond the bound: the only rows
