@@ -101,6 +101,9 @@ def _summary(runs: list[Sample], limit: float | None) -> dict[str, Any]:
         "peak_rss_kib": max(run["peak_rss_kib"] for run in runs),
         "whole_run_closes_per_s": [run["closes_per_s"] for run in runs],
     }
+    for key in ("wait_for_slot_ms_p50", "wait_for_slot_ms_p99"):  # our sweeps only (bench/tasks/sweep.py)
+        if all(key in run for run in runs):
+            summary[key] = Figure.of([run[key] for run in runs]).as_dict()
     if limit:
         summary.update(against_limit)
     return summary
