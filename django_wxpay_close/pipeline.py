@@ -210,7 +210,13 @@ class ClosePipeline(Generic[Job, Result]):
             self._sending += 1
             task = self._loop.create_task(self._send(self._to_send.popleft()))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # `_send` hands every failure to the guard; only a guard (or a logger) that itself fails gets here.
+            logger.error("A close's send task failed outside its guard", exc_info=exc)
 
     async def _send(self, sending: Sending) -> None:
         # A task spawned by `_fill_slots` takes its first step only after the task that freed the slot has
