@@ -63,5 +63,6 @@ def orders_needing_attention() -> QuerySet[Order]:
 
 
 def unfinished_attempts(*, started_before: datetime) -> QuerySet[CloseAttempt]:
-    """Attempts whose process never recorded an answer (crashed mid-request)."""
+    """Attempts whose process never recorded an answer: it crashed mid-request, or just before a request
+    whose row was written ahead of a free slot left (pipeline.py)."""
     return CloseAttempt.objects.unfinished().filter(started_at__lt=started_before)

@@ -437,11 +437,8 @@ class _CloseRun:
 
     def withdraw(self, sending: Sending, interrupted: bool) -> _Withdrawn | None:
         """Whether a started close, its row written a moment ahead of its request, must stay unsent after all."""
-        if interrupted:
-            return _Withdrawn(sending.order, sending.attempt, RUN_INTERRUPTED, timezone.now())
-        if sending.order.merchant in self.halted:
-            return _Withdrawn(sending.order, sending.attempt, MERCHANT_HALTED, timezone.now())
-        return None
+        reason = RUN_INTERRUPTED if interrupted else MERCHANT_HALTED if sending.order.merchant in self.halted else None
+        return None if reason is None else _Withdrawn(sending.order, sending.attempt, reason, timezone.now())
 
     def record(self, answered: _Answered | _Withdrawn) -> OrderCloseResult:
         """Write the answer on the audit row and its consequence on the order, in one statement where possible."""
