@@ -47,8 +47,8 @@ def _command(task: str, kwargs: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", "bench.worker", task, json.dumps(kwargs)]
 
 
-def _env(backend: Backend | None, base_url: str | None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def _env(backend: Backend | None, base_url: str | None, root: Path = ROOT) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     if backend is not None:
         env["DATABASE_URL"] = backend.url
     if base_url is not None:
@@ -56,10 +56,11 @@ def _env(backend: Backend | None, base_url: str | None) -> dict[str, str]:
     return env
 
 
-def start(task: str, *, backend: Backend | None = None, base_url: str | None = None, **kwargs: Any) -> subprocess.Popen[str]:
-    """Start one measurement process (call `finish` on it)."""
-    return subprocess.Popen(_command(task, {"base_url": base_url, **kwargs}), cwd=ROOT, env=_env(backend, base_url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(task: str, *, backend: Backend | None = None, base_url: str | None = None, root: Path = ROOT,
+          **kwargs: Any) -> subprocess.Popen[str]:
+    """Start one measurement process (call `finish` on it); `root`: the checkout whose code it runs."""
+    return subprocess.Popen(_command(task, {"base_url": base_url, **kwargs}), cwd=root,
+                            env=_env(backend, base_url, root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
@@ -69,6 +70,7 @@ def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def run(task: str, *, backend: Backend | None = None, base_url: str | None = None, **kwargs: Any) -> dict[str, Any]:
+def run(task: str, *, backend: Backend | None = None, base_url: str | None = None, root: Path = ROOT,
+        **kwargs: Any) -> dict[str, Any]:
     """Run one measurement process to completion and return its JSON answer."""
-    return finish(start(task, backend=backend, base_url=base_url, **kwargs))
+    return finish(start(task, backend=backend, base_url=base_url, root=root, **kwargs))

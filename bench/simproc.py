@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -30,14 +31,18 @@ class SimulatorProcess:
 
 
 @contextmanager
-def simulator_process(latency: float) -> Iterator[SimulatorProcess]:
-    """`python -m django_wxpay_close.testing --latency L --unknown-orders open` on a free port."""
+def simulator_process(latency: float, root: Path | None = None) -> Iterator[SimulatorProcess]:
+    """`python -m django_wxpay_close.testing --latency L --unknown-orders open` on a free port.
+
+    `root`: run the simulator of that checkout (bench/ab.py compares two) instead of the installed one.
+    """
     command = [
         sys.executable, "-m", "django_wxpay_close.testing", "--port", "0",
         "--latency", str(latency), "--unknown-orders", "open",
     ]
+    env = None if root is None else {**os.environ, "PYTHONPATH": str(root)}
     with tempfile.TemporaryFile("w+") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
         try:
             yield SimulatorProcess(base_url=_wait_for_url(process, output), pid=process.pid, latency=latency)
         finally:
@@ -55,4 +60,5 @@ def _wait_for_url(process: subprocess.Popen[str], output: IO[str]) -> str:
             output.seek(0)
             raise RuntimeError(f"the simulator exited with status {process.returncode}: {output.read()}")
         time.sleep(0.05)
-    raise RuntimeError("the simulator did not start listening within 30 s")
+    output.seek(0)
+    raise RuntimeError(f"the simulator did not start listening within 30 s; it printed: {output.read()[-2000:]!r}")

@@ -45,7 +45,7 @@ REQUESTS_PER_STARTER = 32
 REQUESTS_PER_RECORDER = 16
 # Audit rows written ahead of a free slot, per this many requests in flight. A starter's round trip plus its
 # two hand-offs took 8 of a slot's 65 ms at 32 workers and 50 ms on two cores; with rows ahead the loop
-# refills a slot at once: 86-89 % -> 93-95 % of the latency limit in alternated pairs (docs/performance.md).
+# refills a slot at once: 86-90 % -> 93-96 % of the latency limit in alternated pairs (docs/performance.md).
 REQUESTS_PER_ROW_AHEAD = 4
 
 
