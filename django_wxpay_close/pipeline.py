@@ -76,7 +76,8 @@ class ClosePipeline(Generic[Job, Result]):
     statement holds the GIL against the loop, docs/performance.md).
     `withdraw(sending, interrupted)` runs in the loop's thread just before a started close is sent (its row
     may have been written a little ahead): None sends it; anything else is recorded instead of an answer.
-    `interrupted` is true once the caller left on an exception: nothing more may be sent.
+    `interrupted` is true once the caller left on an exception: nothing more may be sent. `write_ahead`
+    False: rows only for free slots (a row written ahead waits up to one exchange for its slot).
     `waiting` jobs may be queued before `submit` blocks: a sweep queues a claimed batch's worth and more,
     so the starter still has orders while the next batch is claimed. Use it as a context manager: leaving
     waits for every submitted job to be recorded; leaving on an exception (Ctrl-C, a failed claim) first
@@ -86,9 +87,9 @@ class ClosePipeline(Generic[Job, Result]):
     def __init__(self, *, concurrency: int, start: Callable[[list[Job]], list[Sending | Result]],
                  answered: Callable[[Sending, CloseResult], Any], withdraw: Callable[[Sending, bool], Any | None],
                  record: Callable[[Any], Result], on_result: Callable[[Result], None], guard: Guard[Result],
-                 waiting: int) -> None:
+                 waiting: int, write_ahead: bool = True) -> None:
         self._concurrency = max(concurrency, 1)
-        self._rows_ahead = -(-self._concurrency // REQUESTS_PER_ROW_AHEAD)
+        self._rows_ahead = -(-self._concurrency // REQUESTS_PER_ROW_AHEAD) if write_ahead else 0
         self._start, self._answered, self._withdraw, self._record = start, answered, withdraw, record
         self._on_result, self._guard = on_result, guard
         # Audit rows written and not yet answered (or withdrawn): what a crash can leave unfinished.

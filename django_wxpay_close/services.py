@@ -111,6 +111,8 @@ _ACTION_SINGULAR = {
 CLAIMED_ELSEWHERE = "a close is already in flight for it"
 MERCHANT_HALTED = "its merchant hit a configuration error earlier in this run"
 RUN_INTERRUPTED = "the run was interrupted before its request left"
+CLAIM_LAPSING = "its claim would have lapsed before the answer could come"
+_LEASE_SPARE = timedelta(seconds=5)  # beyond the exchange(s) a claim must still cover when a row is written
 
 
 class InvalidTransition(Exception):
@@ -260,6 +262,12 @@ class _CloseRun:
         self.actor = self.user.get_username() if self.user is not None else ""
         self.halted: dict[str, str] = {}
         self._halt_lock = threading.Lock()
+        # A row written ahead of a free slot waits at most one exchange (those in flight before it) and then
+        # has its own, so its claim must cover both; with a CLAIM_TIMEOUT too short for that, rows are
+        # written only for free slots, as before, rather than renewed for nothing or called off.
+        exchange = settings.longest_exchange
+        self.writes_ahead = settings.claim_timeout >= 2 * exchange + _LEASE_SPARE
+        self._lease_needed = (2 if self.writes_ahead else 1) * exchange + _LEASE_SPARE
 
     def client_for(self, merchant_name: str) -> CloseOrderClient:
         s = self.settings
@@ -315,10 +323,10 @@ class _CloseRun:
         return list(Order.objects.filter(pk__in=ids, claim_token=token).order_by("payment_deadline", "pk"))
 
     def _keep_claim(self, order: Order) -> bool:
-        """Renew the lease if what is left of it could not cover a full exchange; False if it was lost."""
+        """Renew the lease if what is left of it could not cover the wait for a slot and a full exchange;
+        False if it was lost."""
         now = timezone.now()
-        margin = self.settings.longest_exchange + timedelta(seconds=5)
-        if order.claim_expires_at and order.claim_expires_at - now > margin:
+        if order.claim_expires_at and order.claim_expires_at - now > self._lease_needed:
             return True
         expires = now + self.settings.claim_timeout
         renewed = Order.objects.filter(pk=order.pk, claim_token=order.claim_token, state=OrderState.OPEN).update(
@@ -437,8 +445,16 @@ class _CloseRun:
 
     def withdraw(self, sending: Sending, interrupted: bool) -> _Withdrawn | None:
         """Whether a started close, its row written a moment ahead of its request, must stay unsent after all."""
-        reason = RUN_INTERRUPTED if interrupted else MERCHANT_HALTED if sending.order.merchant in self.halted else None
-        return None if reason is None else _Withdrawn(sending.order, sending.attempt, reason, timezone.now())
+        order, now = sending.order, timezone.now()
+        if interrupted:
+            reason = RUN_INTERRUPTED
+        elif order.merchant in self.halted:
+            reason = MERCHANT_HALTED
+        elif order.claim_expires_at is None or order.claim_expires_at - now <= self.settings.longest_exchange:
+            reason = CLAIM_LAPSING  # never sent without a lease that outlasts its exchange (`_keep_claim`)
+        else:
+            return None
+        return _Withdrawn(order, sending.attempt, reason, now)
 
     def record(self, answered: _Answered | _Withdrawn) -> OrderCloseResult:
         """Write the answer on the audit row and its consequence on the order, in one statement where possible."""
@@ -633,7 +649,8 @@ def _pipeline(run: _CloseRun, report: CloseReport, *, start: Callable[[list[Any]
               workers: int, waiting: int) -> ClosePipeline[Any, OrderCloseResult]:
     """`workers` requests in flight at once; `start` takes chosen orders (the admin) or checked ones (the sweep)."""
     return ClosePipeline(concurrency=workers, start=start, answered=run.answered, withdraw=run.withdraw,
-                         record=run.record, on_result=report.add, guard=_guarded, waiting=waiting)
+                         record=run.record, on_result=report.add, guard=_guarded, waiting=waiting,
+                         write_ahead=run.writes_ahead)
 
 
 def sweep_expired_orders(

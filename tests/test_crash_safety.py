@@ -37,7 +37,9 @@ ORDERS = 30
 WORKERS = 4
 ROWS_AHEAD = 1  # pipeline.REQUESTS_PER_ROW_AHEAD: one audit row written ahead per four requests in flight
 LATENCY = 1.5  # seconds every answer waits; the simulator applies the close when the request arrives
-CLAIM_TIMEOUT = timedelta(seconds=3)  # must exceed CONNECT_TIMEOUT + READ_TIMEOUT (conf.py E010)
+# Must exceed CONNECT_TIMEOUT + READ_TIMEOUT (conf.py E010), and cover twice that + 5 s for rows to be
+# written ahead of a free slot (a wait for the slot, then the exchange: services._CloseRun.writes_ahead).
+CLAIM_TIMEOUT = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ from django.utils import timezone
 
 from django_wxpay_close import signals
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
+from django_wxpay_close.conf import load_settings
+from django_wxpay_close.pipeline import Sending
 from django_wxpay_close.services import (
+    CLAIM_LAPSING,
     CloseAction,
     MERCHANT_HALTED,
     RUN_INTERRUPTED,
@@ -23,6 +26,7 @@ from django_wxpay_close.services import (
     close_orders,
     create_order,
     record_payment,
+    _CloseRun,
     sweep_expired_orders,
 )
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
@@ -339,6 +343,49 @@ def test_a_row_written_ahead_for_a_merchant_halted_meanwhile_is_completed_as_not
     for order in orders:
         order.refresh_from_db()
         assert order.state == OrderState.OPEN and order.claim_token is None
+
+
+def rows_overlap_an_exchange_before_them() -> bool:
+    """Whether some audit row was written while the one before it still waited for its answer."""
+    attempts = list(CloseAttempt.objects.order_by("started_at", "pk"))
+    return any(later.started_at < earlier.completed_at for earlier, later in zip(attempts, attempts[1:]))
+
+
+def test_rows_are_written_ahead_of_a_free_request_slot(make_order, simulator):
+    for _ in range(3):
+        make_order()
+    simulator.latency = 0.3
+
+    sweep_expired_orders(workers=1)
+
+    assert rows_overlap_an_exchange_before_them()
+    assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 3
+
+
+def test_with_a_claim_timeout_too_short_to_cover_a_wait_for_a_slot_no_row_is_written_ahead(make_order, simulator,
+                                                                                          wxpay_settings):
+    # Longest exchange 2 s (CONNECT_TIMEOUT + READ_TIMEOUT): a row written ahead needs a claim of 2 × 2 + 5 s.
+    wxpay_settings["CLAIM_TIMEOUT"] = timedelta(seconds=5)
+    for _ in range(3):
+        make_order()
+    simulator.latency = 0.3
+
+    sweep_expired_orders(workers=1)
+
+    assert not rows_overlap_an_exchange_before_them()
+    assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 3
+
+
+def test_a_request_whose_claim_would_lapse_before_its_answer_is_called_off(make_order, wxpay_settings):
+    run = _CloseRun(load_settings(), trigger=Trigger.COMMAND)
+    lapsing, safe = make_order(), make_order()
+    lapsing.claim_expires_at = timezone.now() + timedelta(seconds=1)  # the longest exchange is 2 s
+    safe.claim_expires_at = timezone.now() + timedelta(seconds=30)
+
+    withdrawn = run.withdraw(Sending(lapsing, None, None, None), False)  # type: ignore[arg-type]
+
+    assert withdrawn is not None and withdrawn.reason == CLAIM_LAPSING
+    assert run.withdraw(Sending(safe, None, None, None), False) is None  # type: ignore[arg-type]
 
 
 def test_the_sweep_sends_each_order_exactly_once_with_many_workers(make_order, simulator):
