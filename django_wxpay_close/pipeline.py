@@ -69,7 +69,7 @@ class ClosePipeline(Generic[Job, Result]):
     """Runs `start(jobs)`, sends what it started, then `record(answered)`, with `concurrency` requests in flight.
 
     `start` gets the jobs waiting when a starter thread comes round (at most as many as there are free
-    slots, so the audit rows of a busy sweep go in one statement) and returns, for each, a `Sending` to
+    slots and rows still to write ahead, so the audit rows of a busy sweep go in one statement) and returns, for each, a `Sending` to
     send or the job's result when nothing is to be sent (skipped, say).
     `answered(sending, result)` runs in the loop's thread and must not touch the database; `record` does
     the writing, one answer per statement (writing queued answers together was slower: building one long
