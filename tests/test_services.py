@@ -13,20 +13,20 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 
 from django_wxpay_close import signals
-from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.conf import load_settings
+from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.pipeline import Sending
 from django_wxpay_close.services import (
     CLAIM_LAPSING,
-    CloseAction,
     MERCHANT_HALTED,
     RUN_INTERRUPTED,
+    CloseAction,
     InvalidTransition,
+    _CloseRun,
     close_order,
     close_orders,
     create_order,
     record_payment,
-    _CloseRun,
     sweep_expired_orders,
 )
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
