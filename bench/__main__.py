@@ -17,7 +17,6 @@ from .settings import SQLITE_PATH
 from .simproc import simulator_process
 
 SECTIONS = ("client", "service", "profile", "sweep", "ceiling", "processes", "memory")
-DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/wxpay_bench"
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -26,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="CI-sized: proves the benchmark runs, measures little")
     parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL"),
-                        help=f"database to use, created if missing (default {DEFAULT_POSTGRES}, _quick appended "
+                        help=f"database to use, created if missing (default {runner.DEFAULT_POSTGRES}, _quick appended "
                              "with --quick); its sections are skipped if nothing answers")
     parser.add_argument("--latency", type=float, help="simulator latency in seconds for the sweep sections")
     parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
         plan = type(plan)(**{**plan.__dict__, "latency": args.latency})
     wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
     suffix = _suffix(args)
-    postgres_url = args.postgres_url or DEFAULT_POSTGRES + suffix
+    postgres_url = args.postgres_url or runner.DEFAULT_POSTGRES + suffix
     postgres = runner.postgres_backend(postgres_url)
     sqlite = runner.sqlite_backend(SQLITE_PATH.with_name(f"{SQLITE_PATH.stem}{suffix}{SQLITE_PATH.suffix}"))
     backends = [b for b in (postgres, sqlite) if b is not None]

@@ -8,7 +8,6 @@ in a temporary git worktree; both sides must share their migrations, as they sha
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import tempfile
@@ -21,7 +20,8 @@ from . import runner
 from .simproc import SimulatorProcess, simulator_process
 from .stats import Figure, alternate
 
-DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/wxpay_bench_ab"
+# A database of its own: the sides' seeding empties its tables, which must never be a full run's.
+DEFAULT_POSTGRES = runner.DEFAULT_POSTGRES + "_ab"
 THIS = "this checkout"
 
 
@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--orders", type=int, default=4000, help="backlog per run (default 4000)")
     parser.add_argument("--workers", type=int, default=32, help="concurrent requests (default 32)")
     parser.add_argument("--latency", type=float, default=0.05, help="simulator latency in seconds (default 0.05)")
-    parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
-                        help=f"database, created if missing (default {DEFAULT_POSTGRES})")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES,
+                        help=f"database, created if missing; its tables are emptied (default {DEFAULT_POSTGRES})")
     return parser
 
 

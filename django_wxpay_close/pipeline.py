@@ -11,7 +11,7 @@ of the free slots (one per `REQUESTS_PER_ROW_AHEAD` requests), so a slot freed b
 loop at once rather than after a round trip to the database and two thread hand-offs. `concurrency` bounds
 the requests in flight; a crash leaves at most that many unfinished audit rows plus the rows written ahead,
 whose requests had not left yet. A row written ahead whose close must not go out any more (its merchant
-halted, the caller interrupted) is completed as not sent, through `withdraw`.
+halted, the caller interrupted, its claim about to lapse) is completed as not sent, through `withdraw`.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class ClosePipeline(Generic[Job, Result]):
     """Runs `start(jobs)`, sends what it started, then `record(answered)`, with `concurrency` requests in flight.
 
     `start` gets the jobs waiting when a starter thread comes round (at most as many as there are free
-    slots and rows still to write ahead, so the audit rows of a busy sweep go in one statement) and returns, for each, a `Sending` to
-    send or the job's result when nothing is to be sent (skipped, say).
+    slots and rows still to write ahead, so the audit rows of a busy sweep go in one statement) and returns,
+    for each, a `Sending` to send or the job's result when nothing is to be sent (skipped, say).
     `answered(sending, result)` runs in the loop's thread and must not touch the database; `record` does
     the writing, one answer per statement (writing queued answers together was slower: building one long
     statement holds the GIL against the loop, docs/performance.md).
