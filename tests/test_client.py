@@ -1,5 +1,5 @@
 """The closeorder client against a mocked WeChat (`responses`): the request, validation, every
-row of PROTOCOL.md's outcome table, the immutable result, transport limits, failover and key hygiene."""
+row of the outcome table (docs/protocol.md#outcomes), the immutable result, transport limits, failover and key hygiene."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def test_a_sign_type_given_as_a_string_is_parsed() -> None:
     assert make_merchant(sign_type="MD5").sign_type is SignType.MD5
 
 
-# --- the outcome table (PROTOCOL.md), one row at a time ---------------------------------------
+# --- the outcome table (docs/protocol.md#outcomes), one row at a time -------------------------
 
 
 def test_result_code_success_is_closed(wechat: responses.RequestsMock, client: CloseOrderClient) -> None:
@@ -452,7 +452,7 @@ def test_tampering_with_a_field_wechat_added_makes_the_answer_untrusted(
     assert result.outcome is Outcome.UNTRUSTED_RESPONSE
 
 
-# What each outcome means (PROTOCOL.md's table): closed?, retry?, halt the merchant?, needs a person?
+# What each outcome means (docs/protocol.md#outcomes): closed?, retry?, halt the merchant?, needs a person?
 OUTCOME_MEANINGS = {
     Outcome.CLOSED: (True, False, False, False),
     Outcome.ALREADY_CLOSED: (True, False, False, False),

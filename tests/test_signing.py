@@ -1,4 +1,4 @@
-"""WeChat Pay v2 signatures, as PROTOCOL.md § Signature describes them."""
+"""WeChat Pay v2 signatures, as docs/protocol.md#signature describes them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from django_wxpay_close.wechat import SignType, compute_signature, new_nonce, si
 
 from .wechat_answers import API_KEY, WRONG_KEY
 
-# PROTOCOL.md's worked example, from the public WeChat Pay documentation.
+# The worked example of docs/protocol.md#signature, from the public WeChat Pay documentation.
 EXAMPLE_FIELDS = {
     "appid": "wxd930ea5d5a258f4f",
     "mch_id": "10000100",

@@ -1,4 +1,4 @@
-"""What a closeorder answer means, as PROTOCOL.md's outcome table says. No I/O here."""
+"""What a closeorder answer means, as the outcome table in docs/protocol.md#outcomes says. No I/O here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WeChat Pay v2 signatures (MD5 and HMAC-SHA256), as PROTOCOL.md describes them.
+"""WeChat Pay v2 signatures (MD5 and HMAC-SHA256), as docs/protocol.md#signature describes them.
 
 Both directions use the same rule, so the simulator and the client share this module.
 """
