@@ -27,7 +27,7 @@ from django.utils.safestring import SafeString
 from .conf import CloseSettings, load_settings
 from .models import CloseAttempt, Order, OrderState, Trigger
 from .selectors import orders_needing_attention, why_not_closable
-from .services import CloseAction, close_orders
+from .services import CloseAction, close_orders, lift_hold
 from .wechat import Outcome
 
 _STATE_COLOURS = {
@@ -200,8 +200,8 @@ class CloseAttemptInline(admin.TabularInline):
 
 
 def outcome_badge(attempt: CloseAttempt) -> str:
-    if attempt.was_withdrawn:
-        return format_html('<strong style="color:{}">{}</strong>', "#616161", "not sent")
+    if attempt.has_no_answer:  # abandoned by a process that stopped, or never sent: `reason` says which
+        return format_html('<strong style="color:{}">{}</strong>', "#616161", "no answer")
     if not attempt.outcome:
         return format_html('<strong style="color:{}">{}</strong> (no answer recorded)', "#b26a00", "unfinished")
     outcome = Outcome(attempt.outcome)
@@ -230,7 +230,7 @@ class OrderAdmin(admin.ModelAdmin):
     list_filter = ["state", "merchant", OverdueFilter, NeedsAttentionFilter, "last_outcome", "on_hold"]
     search_fields = ["=out_trade_no"]
     date_hierarchy = "created_at"
-    actions = ["close_selected_orders"]
+    actions = ["close_selected_orders", "lift_hold"]
     inlines = [CloseAttemptInline]
     fieldsets = [
         ("Why it is in this state", {"fields": ["story"]}),
@@ -330,6 +330,16 @@ class OrderAdmin(admin.ModelAdmin):
             else messages.SUCCESS)
         self.message_user(request, summary, level)
         return None
+
+
+    @admin.action(description="Lift the hold of selected orders (the sweep retries them)", permissions=["change"])
+    def lift_hold(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
+        """Give orders on hold back to the sweep, with a fresh retry budget; nothing is sent now."""
+        lifted = lift_hold(queryset)
+        if lifted:
+            self.message_user(request, f"{lifted} orders are off hold: the next sweep closes them.", messages.SUCCESS)
+        else:
+            self.message_user(request, "None of the selected orders was on hold.", messages.WARNING)
 
 
 @admin.register(CloseAttempt)

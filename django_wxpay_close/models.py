@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -11,7 +10,6 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .statements import RowUpdate, insert_rows, update_rows
 from .wechat import Outcome
 
 out_trade_no_validator = RegexValidator(
@@ -104,20 +102,32 @@ class Order(models.Model):
         return self.state == OrderState.OPEN and self.payment_deadline <= timezone.now()
 
 
+class AuditTrailError(Exception):
+    """The close audit trail is append-only: a row is written once, completed once, never edited or deleted."""
+
+
 class CloseAttemptQuerySet(models.QuerySet["CloseAttempt"]):
     def delete(self) -> Any:
-        raise PermissionError("Close attempts are an audit trail and are never deleted.")
+        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
+
+    def update(self, **kwargs: Any) -> int:
+        raise AuditTrailError("Close attempts are append-only; an unfinished one is completed once with complete().")
 
     def unfinished(self) -> CloseAttemptQuerySet:
         return self.filter(completed_at__isnull=True)
 
+    def complete(self, **fields: Any) -> int:
+        """Complete the unfinished rows among these, once; a completed row is never touched again."""
+        fields.setdefault("completed_at", timezone.now())
+        return models.QuerySet.update(self.unfinished(), **fields)
+
 
 class CloseAttempt(models.Model):
-    """One closeorder HTTP exchange. Created before the request leaves, completed once after.
+    """One closeorder HTTP exchange: created before the request leaves, completed once after its answer.
 
-    An attempt with no `completed_at` is one whose process died (or is still waiting) mid-request, or a
-    moment before its request left: the sweep writes a few rows ahead of its free request slots. A completed
-    attempt without an outcome was called off before its request left (`was_withdrawn`; `reason` says why).
+    A row with no `completed_at` belongs to a request whose answer is not written yet: still in flight, or its
+    process stopped or lost its database. The next close of the same order completes such a row as abandoned.
+    A completed row with no outcome has no answer (`has_no_answer`; `reason` says why: abandoned, or not sent).
     """
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts")
@@ -154,7 +164,7 @@ class CloseAttempt(models.Model):
         indexes = [models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx")]
 
     def __str__(self) -> str:
-        status = self.outcome or ("not sent" if self.was_withdrawn else "unfinished")
+        status = self.outcome or ("no answer" if self.has_no_answer else "unfinished")
         return f"closeorder {self.out_trade_no} at {self.started_at:%Y-%m-%d %H:%M:%S}: {status}"
 
     @property
@@ -162,43 +172,23 @@ class CloseAttempt(models.Model):
         return self.completed_at is not None
 
     @property
-    def was_withdrawn(self) -> bool:
-        """Completed with no exchange: every answer, even no answer at all, is recorded with an outcome."""
+    def has_no_answer(self) -> bool:
+        """Completed without an answer: every answer, even a timeout, is recorded with an outcome."""
         return self.completed_at is not None and not self.outcome
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self._state.adding:
-            raise PermissionError("Close attempts are append-only; complete them with complete().")
+            raise AuditTrailError("Close attempts are append-only; complete an unfinished one with complete().")
         super().save(*args, **kwargs)
 
     def delete(self, *args: Any, **kwargs: Any) -> Any:
-        raise PermissionError("Close attempts are an audit trail and are never deleted.")
-
-    @classmethod
-    def start(cls, **fields: Any) -> CloseAttempt:
-        """Insert the row before the request leaves (one precompiled INSERT: this is on every close's path)."""
-        return cls.start_many([fields])[0]
-
-    @classmethod
-    def start_many(cls, rows: Sequence[Mapping[str, Any]]) -> list[CloseAttempt]:
-        """Insert the rows of requests about to leave together, in one statement where the database allows."""
-        attempts = [cls(**fields) for fields in rows]
-        columns = [f.attname for f in cls._meta.concrete_fields if not f.primary_key]
-        keys = insert_rows(cls, [{name: getattr(attempt, name) for name in columns} for attempt in attempts])
-        for attempt, pk in zip(attempts, keys, strict=True):
-            attempt.pk = pk
-            attempt._state.adding = False
-        return attempts
-
-    def completion(self, **fields: Any) -> RowUpdate:
-        """The UPDATE that records the answer, landing only while the row is unfinished (see `update_rows`)."""
-        fields.setdefault("completed_at", timezone.now())
-        return RowUpdate(CloseAttempt, self.pk, fields, where={"completed_at": None})
+        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
 
     def complete(self, **fields: Any) -> bool:
-        """Record the answer once. False if it was already completed (it is then left untouched)."""
-        completion = self.completion(**fields)
-        (updated,) = update_rows(completion)
-        if updated:
-            completion.apply_to(self)
-        return bool(updated)
+        """Record the answer once. False if the row was already completed (it is then left untouched)."""
+        fields.setdefault("completed_at", timezone.now())
+        completed = CloseAttempt.objects.using(self._state.db).filter(pk=self.pk).complete(**fields)
+        if completed:
+            for name, value in fields.items():
+                setattr(self, name, value)
+        return bool(completed)

@@ -1,38 +1,43 @@
-"""Read-only queries: which orders are due for closing, which need a person."""
+"""Read-only queries: which orders are due for closing, which need a person.
+
+What decides who may close an order, and when, is compared with the database's clock (`Now()`), never one
+host's: sweepers on hosts whose clocks disagree still agree on which claims have lapsed and what is due.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime, timedelta
+from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Min, Q, QuerySet
+from django.db.models.functions import Now
 
-from .models import CloseAttempt, Order, OrderState
+from .models import Order, OrderState
 from .wechat import Outcome
 
 
-def claimable(now: datetime) -> Q:
-    """Nobody holds the order, or their claim lapsed (their process died)."""
-    return Q(claim_expires_at__isnull=True) | Q(claim_expires_at__lt=now)
+def claimable() -> Q:
+    """Nobody holds the order, or their claim lapsed (their process died or stalled)."""
+    return Q(claim_expires_at__isnull=True) | Q(claim_expires_at__lt=Now())
 
 
 def orders_due_for_closing(
     *,
-    now: datetime,
     min_order_age: timedelta,
     merchants: Collection[str] | None = None,
     exclude_merchants: Collection[str] = (),
     older_than: timedelta | None = None,
 ) -> QuerySet[Order]:
-    """Open orders past their deadline (and `older_than` past it), old enough, due for a retry, unclaimed."""
-    deadline_cutoff = now - older_than if older_than else now
+    """Open orders past their deadline (and `older_than` past it), old enough, due for a retry, unclaimed;
+    the most overdue first."""
     queryset = Order.objects.filter(
-        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now),
-        claimable(now),
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now()),
+        claimable(),
         state=OrderState.OPEN,
         on_hold=False,
-        payment_deadline__lte=deadline_cutoff,
-        created_at__lte=now - min_order_age,
+        payment_deadline__lte=Now() - older_than if older_than else Now(),
+        created_at__lte=Now() - min_order_age,
     )
     if merchants is not None:
         queryset = queryset.filter(merchant__in=merchants)
@@ -45,7 +50,10 @@ TOO_YOUNG = "younger than MIN_ORDER_AGE (WeChat mishandles closing a just-create
 
 
 def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -> str | None:
-    """Why an explicit close would not be sent (None: it would be), as the admin preview and the service say it."""
+    """Why an explicit close would not be sent (None: it would be), for the admin's preview and reports.
+
+    A preview on this host's clock: the claim itself asks the database's clock again.
+    """
     if order.state != OrderState.OPEN:
         return f"it is {OrderState(order.state).label.lower()}"
     if order.created_at > now - min_order_age:
@@ -55,14 +63,15 @@ def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -
     return None
 
 
+def orders_waiting_for_retry() -> dict[str, Any]:
+    """How many overdue open orders wait for their backoff to pass, and when the next one is due."""
+    waiting = Order.objects.filter(state=OrderState.OPEN, on_hold=False, payment_deadline__lte=Now(),
+                                   next_attempt_at__gt=Now())
+    return waiting.aggregate(count=Count("pk"), next_at=Min("next_attempt_at"))
+
+
 def orders_needing_attention() -> QuerySet[Order]:
     """On hold (untrusted answer, our bug, retries spent) or last refused for a configuration error."""
     return Order.objects.filter(state=OrderState.OPEN).filter(
         Q(on_hold=True) | Q(last_outcome=Outcome.CONFIGURATION_ERROR)
     )
-
-
-def unfinished_attempts(*, started_before: datetime) -> QuerySet[CloseAttempt]:
-    """Attempts whose process never recorded an answer: it crashed mid-request, or just before a request
-    whose row was written ahead of a free slot left (pipeline.py)."""
-    return CloseAttempt.objects.unfinished().filter(started_at__lt=started_before)

@@ -1,40 +1,43 @@
 """The only code that calls WeChat and changes an order's state.
 
-Rules every function here keeps:
-- An order is *claimed* (a conditional UPDATE with a lease) before its request is built, so two
-  callers (cron hosts, the admin, the command) never have closeorder in flight for the same order;
-  no database lock is held while the request is in flight.
-- The audit row is written before the request leaves and completed once after it (with several orders,
-  by the threads of pipeline.py around one event loop; a result is reported once it is written).
-- A state change is an UPDATE … WHERE state = <the state the close started from>.
-- These functions must not run inside `transaction.atomic()`: a rollback of the caller's
-  transaction would erase audit rows of requests that really went out. They raise
-  `TransactionManagementError` if called that way. `create_order` and `record_payment` send
-  nothing and may run inside a transaction.
+One close, start to finish, in one thread (`_Run.close`):
+1. start, in one transaction: claim the order (a lease on the database's clock, so no two callers have
+   closeorder in flight for it), complete as abandoned any row a lapsed claim left unfinished, and write
+   the audit row of the request about to leave;
+2. send the signed request with the blocking client; no database lock is held meanwhile;
+3. record, in one transaction: apply the answer to the order (conditional on our claim and on the state the
+   close started from) and complete the audit row.
+Several orders are closed by a pool of worker threads, each doing whole closes one after another
+(`_run_pool`); the pool size is the only knob, and nothing else hands work between threads.
+
+These functions must not run inside `transaction.atomic()`: a rollback of the caller's transaction would
+erase audit rows of requests that really went out. They raise `TransactionManagementError` if called that
+way. `create_order` and `record_payment` send nothing and may run inside a transaction.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import signals
 from .conf import CloseSettings, load_settings
 from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
-from .pipeline import ClosePipeline, Sending
 from .selectors import claimable, orders_due_for_closing, why_not_closable
-from .statements import Add, ClearIfClaimedBy, RowUpdate, update_rows
 from .wechat import (
     CloseOrderClient,
     CloseResult,
@@ -47,14 +50,16 @@ from .wechat import (
 
 __all__ = [
     "CloseAction",
-    "OrderCloseResult",
     "CloseReport",
+    "DatabaseUnavailable",
     "InvalidTransition",
+    "OrderCloseResult",
     "close_order",
     "close_orders",
-    "sweep_expired_orders",
     "create_order",
+    "lift_hold",
     "record_payment",
+    "sweep_expired_orders",
 ]
 
 logger = logging.getLogger("django_wxpay_close")
@@ -70,8 +75,9 @@ class CloseAction(str, Enum):
     RETRY_SCHEDULED = "retry_scheduled"
     MARKED_UNKNOWN = "unknown_to_wechat"  # ORDERNOTEXIST until retries ran out
     PUT_ON_HOLD = "on_hold"  # a person must look: untrusted answer, our bug, retries spent
-    CONFIGURATION_ERROR = "configuration_error"  # wrong key/sign type/merchant: merchant halted for the run
+    CONFIGURATION_ERROR = "configuration_error"  # wrong key/sign type/merchant: the order is backed off
     SKIPPED = "skipped"  # nothing sent; `reason` says why
+    CLAIM_LOST = "claim_lost"  # answered after another caller took the order over: nothing applied
     FAILED = "failed"  # an unexpected error on our side (logged with its traceback)
 
     @property
@@ -85,7 +91,8 @@ class CloseAction(str, Enum):
     @property
     def is_alarm(self) -> bool:
         """Something cron monitoring should hear about (non-zero exit status)."""
-        return self in (CloseAction.CONFIGURATION_ERROR, CloseAction.PUT_ON_HOLD, CloseAction.FAILED)
+        return self in (CloseAction.CONFIGURATION_ERROR, CloseAction.PUT_ON_HOLD, CloseAction.CLAIM_LOST,
+                        CloseAction.FAILED)
 
 
 _ACTION_LABELS = {
@@ -97,6 +104,7 @@ _ACTION_LABELS = {
     CloseAction.PUT_ON_HOLD: "need attention",
     CloseAction.CONFIGURATION_ERROR: "hit a configuration error",
     CloseAction.SKIPPED: "were skipped",
+    CloseAction.CLAIM_LOST: "were answered after another close took them over",
     CloseAction.FAILED: "failed unexpectedly",
 }
 _ACTION_SINGULAR = {
@@ -105,18 +113,39 @@ _ACTION_SINGULAR = {
     CloseAction.MARKED_UNKNOWN: "was never known to WeChat",
     CloseAction.PUT_ON_HOLD: "needs attention",
     CloseAction.SKIPPED: "was skipped",
+    CloseAction.CLAIM_LOST: "was answered after another close took it over",
 }
 
-
 CLAIMED_ELSEWHERE = "a close is already in flight for it"
-MERCHANT_HALTED = "its merchant hit a configuration error earlier in this run"
-RUN_INTERRUPTED = "the run was interrupted before its request left"
-CLAIM_LAPSING = "its claim would have lapsed before the answer could come"
-_LEASE_SPARE = timedelta(seconds=5)  # beyond the exchange(s) a claim must still cover when a row is written
+MERCHANT_HALTED = "its merchant is halted for this run: two of its orders in a row hit a configuration error"
+ABANDONED = "no answer was recorded: the process stopped or lost its database"
+# A merchant is halted for the rest of a run after this many of its orders in a row hit a configuration error:
+# one such order may be poison (an order-specific FAIL), two in a row mean the key or sign type is wrong.
+HALT_AFTER_CONFIGURATION_ERRORS = 2
+# The circuit breaker: over the last BREAKER_WINDOW exchanges of a run, once at least BREAKER_MIN_EXCHANGES and
+# at least BREAKER_SHARE of them failed in transport, WeChat is taken to be unreachable and the run stops.
+BREAKER_WINDOW = 20
+BREAKER_MIN_EXCHANGES = 5
+BREAKER_SHARE = 0.8
+# Reconnect delays (seconds) after a lost database connection; then the database counts as unavailable.
+DATABASE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+_TRANSPORT_FAILURES = frozenset({Outcome.NETWORK_ERROR, Outcome.INVALID_RESPONSE})
+_BOOKKEEPING = ("attempt_count", "last_attempt_at", "last_outcome", "last_error")  # written with every answer
 
 
 class InvalidTransition(Exception):
     """A state change the transition table does not allow (e.g. a payment for a closed order)."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed away through every reconnect; `report` holds what the run did until then.
+
+    Every answer that could not be written was logged at ERROR (out_trade_no, outcome, response body).
+    """
+
+    def __init__(self, message: str, report: CloseReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -149,6 +178,7 @@ class CloseReport:
     by_merchant: Counter[tuple[str, CloseAction]] = field(default_factory=Counter)
     by_reason: Counter[tuple[CloseAction, str]] = field(default_factory=Counter)
     halted_merchants: dict[str, str] = field(default_factory=dict)
+    stopped_early: str = ""  # why the run stopped before the backlog was done (WeChat unreachable, say)
     started_at: datetime = field(default_factory=timezone.now)
     finished_at: datetime | None = None
     observer: Callable[[OrderCloseResult], None] | None = field(default=None, repr=False, compare=False)
@@ -161,10 +191,11 @@ class CloseReport:
             key = (result.action, result.summary_key)
             if key in self.by_reason or len(self.by_reason) < _MAX_SUMMARY_KEYS:
                 self.by_reason[key] += 1
-            if result.action is CloseAction.CONFIGURATION_ERROR:
-                self.halted_merchants.setdefault(result.merchant, result.reason)
             if self.observer:
-                self.observer(result)
+                try:
+                    self.observer(result)
+                except Exception:  # noqa: BLE001 - the close is done and recorded; only its report failed
+                    logger.exception("Reporting a close result failed")
 
     def finish(self) -> CloseReport:
         self.finished_at = timezone.now()
@@ -176,7 +207,7 @@ class CloseReport:
 
     @property
     def has_alarms(self) -> bool:
-        return any(action.is_alarm for action in self.by_action)
+        return bool(self.stopped_early) or any(action.is_alarm for action in self.by_action)
 
     def sentence(self) -> str:
         """'3 closed, 1 was already paid, 1 will be retried (SYSTEMERROR)' — for people."""
@@ -185,16 +216,19 @@ class CloseReport:
             count = self.by_action.get(action, 0)
             if not count:
                 continue
-            reasons = sorted(
-                (reason for (reason_action, reason) in self.by_reason if reason_action is action and reason),
-            )
-            detail = f" ({'; '.join(reasons[:5])})" if reasons and action not in (CloseAction.CLOSED,) else ""
+            reasons = sorted(reason for (reason_action, reason) in self.by_reason if reason_action is action and reason)
+            detail = f" ({'; '.join(reasons[:5])})" if reasons and action is not CloseAction.CLOSED else ""
             parts.append(f"{action.counted(count)}{detail}")
         return ", ".join(parts) or "nothing to do"
 
 
-def _require_autocommit() -> None:
-    if transaction.get_connection().in_atomic_block:
+def _write_database() -> str:
+    """The database the router picks for writes to orders: claims and their reads must all go there."""
+    return router.db_for_write(Order)
+
+
+def _require_autocommit(using: str) -> None:
+    if transaction.get_connection(using).in_atomic_block:
         raise transaction.TransactionManagementError(
             "django_wxpay_close services send requests to WeChat and must run outside transaction.atomic(): "
             "a rollback would erase the audit rows of requests that really went out."
@@ -202,15 +236,16 @@ def _require_autocommit() -> None:
 
 
 @lru_cache(maxsize=64)
-def _client(
-    merchant: Merchant, base_urls: tuple[str, ...], connect_timeout: float, read_timeout: float,
-    max_response_bytes: int, pool_size: int,
-) -> CloseOrderClient:
-    """One client (and so one connection pool) per merchant and endpoint config, reused across calls."""
-    return CloseOrderClient(
-        merchant, base_urls=base_urls, connect_timeout=connect_timeout, read_timeout=read_timeout,
-        max_response_bytes=max_response_bytes, pool_size=pool_size,
-    )
+def _cached_client(merchant: Merchant, base_urls: tuple[str, ...], connect_timeout: float, read_timeout: float,
+                   max_response_bytes: int, pool_size: int) -> CloseOrderClient:
+    """One client (and so one connection pool) per merchant and endpoint settings, reused across calls."""
+    return CloseOrderClient(merchant, base_urls=base_urls, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                            max_response_bytes=max_response_bytes, pool_size=pool_size)
+
+
+def _client(settings: CloseSettings, merchant_name: str, pool_size: int) -> CloseOrderClient:
+    return _cached_client(settings.merchants[merchant_name].merchant, settings.base_urls, settings.connect_timeout,
+                          settings.read_timeout, settings.max_response_bytes, pool_size)
 
 
 def _response_text(body: bytes) -> str:
@@ -236,7 +271,12 @@ def _audit_answer(result: CloseResult) -> dict[str, Any]:
     }
 
 
-def _send_signal(signal: Any, order: Order, **kwargs: Any) -> None:
+def _send_signal(signal: Any, order: Order, using: str, **kwargs: Any) -> None:
+    """Send `signal` with the order as it is after the change, once that change is committed."""
+    if not signal.has_listeners(Order):
+        return
+    order.refresh_from_db(using=using)
+
     def send() -> None:
         for receiver, response in signal.send_robust(sender=Order, order=order, **kwargs):
             if isinstance(response, Exception):
@@ -245,351 +285,7 @@ def _send_signal(signal: Any, order: Order, **kwargs: Any) -> None:
                     exc_info=response, extra={"order_id": order.pk, "out_trade_no": order.out_trade_no},
                 )
 
-    if signal.has_listeners(Order):
-        transaction.on_commit(send)
-
-
-class _CloseRun:
-    """One caller's batch: shared settings, clients, and the merchants halted in this run."""
-
-    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int | None = None) -> None:
-        self.settings = settings
-        # One kept-alive connection to WeChat per request in flight: a pool smaller than that would open and
-        # drop a TCP (and TLS) connection for each request beyond it (the concurrent sender sizes its own alike).
-        self.pool_size = max(workers or 0, settings.workers)
-        self.trigger = trigger
-        self.user = user if getattr(user, "pk", None) is not None else None
-        self.actor = self.user.get_username() if self.user is not None else ""
-        self.halted: dict[str, str] = {}
-        self._halt_lock = threading.Lock()
-        # A row written ahead of a free slot waits at most one exchange (those in flight before it) and then
-        # has its own, so its claim must cover both; with a CLAIM_TIMEOUT too short for that, rows are
-        # written only for free slots, as before, rather than renewed for nothing or called off.
-        exchange = settings.longest_exchange
-        self.writes_ahead = settings.claim_timeout >= 2 * exchange + _LEASE_SPARE
-        self._lease_needed = (2 if self.writes_ahead else 1) * exchange + _LEASE_SPARE
-
-    def client_for(self, merchant_name: str) -> CloseOrderClient:
-        s = self.settings
-        return _client(
-            s.merchants[merchant_name].merchant, s.base_urls, s.connect_timeout, s.read_timeout,
-            s.max_response_bytes, self.pool_size,
-        )
-
-    def halt(self, merchant_name: str, reason: str) -> None:
-        with self._halt_lock:
-            if merchant_name not in self.halted:
-                self.halted[merchant_name] = reason
-                logger.error(
-                    "Stopped closing orders of merchant %r for this run: %s", merchant_name, reason,
-                    extra={"merchant": merchant_name, "outcome": Outcome.CONFIGURATION_ERROR.value},
-                )
-
-    # -- claims ------------------------------------------------------------------------------
-
-    def claim_one(self, order: Order, *, now: datetime) -> str | None:
-        """Claim `order` for this caller; None on success, else why it is not sent."""
-        blocker = why_not_closable(order, now=now, min_order_age=self.settings.min_order_age)
-        if blocker:
-            return blocker
-        token = uuid.uuid4()
-        expires = now + self.settings.claim_timeout
-        # An explicit close (admin, code) is a person's decision: it lifts a hold and restarts the retry budget.
-        claimed = Order.objects.filter(claimable(now), pk=order.pk, state=OrderState.OPEN).update(
-            claim_token=token, claim_expires_at=expires, on_hold=False, retry_count=0
-        )
-        if not claimed:
-            order.refresh_from_db(fields=["state", "claim_expires_at"])
-            return why_not_closable(order, now=now, min_order_age=self.settings.min_order_age) or CLAIMED_ELSEWHERE
-        order.claim_token, order.claim_expires_at, order.on_hold, order.retry_count = token, expires, False, 0
-        return None
-
-    def claim_due_batch(self, *, now: datetime, limit: int, merchants: list[str] | None,
-                        older_than: timedelta | None) -> list[Order]:
-        """Claim up to `limit` due orders in one short transaction (SKIP LOCKED where supported)."""
-        token = uuid.uuid4()
-        expires = now + self.settings.claim_timeout
-        due = orders_due_for_closing(
-            now=now, min_order_age=self.settings.min_order_age, merchants=merchants,
-            exclude_merchants=list(self.halted), older_than=older_than,
-        )
-        with transaction.atomic():
-            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
-            if not ids:
-                return []
-            Order.objects.filter(claimable(now), pk__in=ids, state=OrderState.OPEN).update(
-                claim_token=token, claim_expires_at=expires
-            )
-        return list(Order.objects.filter(pk__in=ids, claim_token=token).order_by("payment_deadline", "pk"))
-
-    def _keep_claim(self, order: Order) -> bool:
-        """Renew the lease if what is left of it could not cover the wait for a slot and a full exchange;
-        False if it was lost."""
-        now = timezone.now()
-        if order.claim_expires_at and order.claim_expires_at - now > self._lease_needed:
-            return True
-        expires = now + self.settings.claim_timeout
-        renewed = Order.objects.filter(pk=order.pk, claim_token=order.claim_token, state=OrderState.OPEN).update(
-            claim_expires_at=expires
-        )
-        order.claim_expires_at = expires
-        return bool(renewed)
-
-    def _release(self, order: Order, **updates: Any) -> int:
-        """Clear our claim (only if still ours) and apply bookkeeping; the state is left as it is."""
-        return update_rows(self._release_update(order, **updates))[0]
-
-    @staticmethod
-    def _release_update(order: Order, **updates: Any) -> RowUpdate:
-        mine = ClearIfClaimedBy(order.claim_token)
-        # claim_token last: MySQL/MariaDB apply SET assignments left to right, each seeing the ones before it.
-        return RowUpdate(Order, order.pk, {**updates, "claim_expires_at": mine, "claim_token": mine})
-
-    # -- one order ---------------------------------------------------------------------------
-
-    def claim_and_close(self, order: Order) -> OrderCloseResult:
-        """An explicit close (code): claim the order, then close it, or say why it is not sent."""
-        skip = self.claim_one(order, now=timezone.now())
-        return _order_result(order, CloseAction.SKIPPED, skip) if skip else self.close_claimed(order)
-
-    def claim_and_start_many(self, orders: Sequence[Order]) -> list[Sending | OrderCloseResult]:
-        """Explicit closes among several (the admin action): claim each order, then start the claimed ones."""
-        not_sent: dict[int, OrderCloseResult] = {}
-        for index, order in enumerate(orders):
-            blocker = _guarded(order, lambda: self.claim_one(order, now=timezone.now()))
-            if blocker:
-                not_sent[index] = blocker if isinstance(blocker, OrderCloseResult) else _order_result(
-                    order, CloseAction.SKIPPED, blocker)
-        started = iter(self.start_claimed_many([order for i, order in enumerate(orders) if i not in not_sent]))
-        return [not_sent[i] if i in not_sent else next(started) for i in range(len(orders))]
-
-    def close_claimed(self, order: Order) -> OrderCloseResult:
-        """Send closeorder for an order this run has claimed, audit it and apply the answer, in this thread."""
-        started = self.start_claimed(order)
-        if not isinstance(started, Sending):
-            return started
-        return self.record(self.answered(started, started.client.send(started.prepared)))
-
-    def start_claimed(self, order: Order) -> Sending | OrderCloseResult:
-        """Everything before the request leaves: checks, signing, and the audit row it is sent under."""
-        return self.start_claimed_many([order])[0]
-
-    def start_claimed_many(self, orders: Sequence[Order]) -> list[Sending | OrderCloseResult]:
-        """`start_claimed` for several orders, their audit rows written in one statement (one per order's result)."""
-        return self.start_ready_many([self.check_and_sign(order) for order in orders])
-
-    def check_and_sign(self, order: Order) -> _Ready | OrderCloseResult:
-        """The checks and the signing of a claimed order, which need no request slot: the sweep does them
-        before it queues the order, so a freed slot waits only for the audit rows (docs/performance.md:
-        66-71 ms -> 65 ms per cycle at 32 workers, 75-77 % -> 78-82 % of the latency limit)."""
-        return _guarded(order, lambda: self._check_and_sign(order))
-
-    def start_ready_many(self, items: Sequence[_Ready | OrderCloseResult]) -> list[Sending | OrderCloseResult]:
-        """Write the audit rows of checked and signed orders still to be sent, in one statement; results pass
-        through. A merchant halted, or a lease lost, since an order was checked stops it here, before its row.
-        """
-        ready = [_guarded(item.order, lambda: self._still_to_send(item)) if isinstance(item, _Ready) else item
-                 for item in items]
-        going = [item for item in ready if isinstance(item, _Ready)]
-        try:
-            attempts = iter(CloseAttempt.start_many([item.audit_row for item in going]) if going else [])
-        except Exception as exc:  # noqa: BLE001 - no row written and nothing sent: each of these orders fails alone
-            return [_failed(item.order, exc) if isinstance(item, _Ready) else item for item in ready]
-        return [Sending(item.order, next(attempts), item.client, item.prepared) if isinstance(item, _Ready) else item
-                for item in ready]
-
-    def _still_to_send(self, item: _Ready) -> _Ready | OrderCloseResult:
-        if item.order.merchant in self.halted:
-            return self._skip_halted(item.order)
-        if not self._keep_claim(item.order):
-            return _order_result(item.order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
-        return item
-
-    def _skip_halted(self, order: Order) -> OrderCloseResult:
-        self._release(order)
-        return _order_result(order, CloseAction.SKIPPED, MERCHANT_HALTED)
-
-    def _check_and_sign(self, order: Order) -> _Ready | OrderCloseResult:
-        merchant_settings = self.settings.merchants.get(order.merchant)
-        problem = None
-        if order.merchant in self.halted:
-            return self._skip_halted(order)
-        if merchant_settings is None:
-            problem = f"merchant {order.merchant!r} is not in WXPAY_CLOSE['MERCHANTS']"
-        elif (order.appid, order.mch_id) != (merchant_settings.merchant.appid, merchant_settings.merchant.mch_id):
-            problem = (
-                f"order was created for appid {order.appid}/mch_id {order.mch_id} but merchant "
-                f"{order.merchant!r} is configured with {merchant_settings.merchant.appid}/{merchant_settings.merchant.mch_id}"
-            )
-        if problem:
-            self.halt(order.merchant, problem)
-            self._release(order, last_outcome=Outcome.CONFIGURATION_ERROR.value, last_error=problem)
-            return _order_result(order, CloseAction.CONFIGURATION_ERROR, problem)
-
-        client = self.client_for(order.merchant)
-        try:
-            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
-        except InvalidRequestField as exc:
-            self._release(order, on_hold=True, last_outcome=Outcome.CLIENT_BUG.value, last_error=str(exc))
-            return _order_result(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}")
-        audit_row = {
-            "order": order, "merchant": order.merchant, "mch_id": order.mch_id, "sub_mch_id": order.sub_mch_id,
-            "out_trade_no": order.out_trade_no, "trigger": self.trigger, "user": self.user, "actor": self.actor,
-            "url": client.urls[0], "sign_type": prepared.sign_type.value, "request_xml": prepared.body.decode("utf-8"),
-        }
-        return _Ready(order, client, prepared, audit_row)
-
-    def answered(self, sending: Sending, result: CloseResult) -> _Answered:
-        """Decided the moment the answer arrives, not when it is written: a halt must stop sends at once."""
-        return _Answered(sending.order, sending.attempt, result, self._decide(sending.order, result, timezone.now()))
-
-    def withdraw(self, sending: Sending, interrupted: bool) -> _Withdrawn | None:
-        """Whether a started close, its row written a moment ahead of its request, must stay unsent after all."""
-        order, now = sending.order, timezone.now()
-        if interrupted:
-            reason = RUN_INTERRUPTED
-        elif order.merchant in self.halted:
-            reason = MERCHANT_HALTED
-        elif order.claim_expires_at is None or order.claim_expires_at - now <= self.settings.longest_exchange:
-            reason = CLAIM_LAPSING  # never sent without a lease that outlasts its exchange (`_keep_claim`)
-        else:
-            return None
-        return _Withdrawn(order, sending.attempt, reason, now)
-
-    def record(self, answered: _Answered | _Withdrawn) -> OrderCloseResult:
-        """Write the answer on the audit row and its consequence on the order, in one statement where possible."""
-        if isinstance(answered, _Withdrawn):
-            return self._record_withdrawn(answered)
-        order, attempt, result, decision = answered.order, answered.attempt, answered.result, answered.decision
-        completion = attempt.completion(completed_at=decision.answered_at, **_audit_answer(result))
-        completed, changed = update_rows(completion, decision.update)
-        if completed:
-            completion.apply_to(attempt)
-        action, reason = decision.action, decision.reason
-        if changed:
-            decision.update.apply_to(order)
-            if decision.signal is not None:
-                _send_signal(decision.signal, order, attempt=attempt, **decision.signal_kwargs)
-        else:  # a state change found the order no longer in the state the close started from
-            self._release(order, **decision.bookkeeping)
-            order.refresh_from_db(fields=["state"])
-            action, reason = CloseAction.FAILED, f"WeChat answered {result.outcome.value} but the order is now {order.state}"
-        logger.info(
-            "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
-            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
-                   "outcome": result.outcome.value, "action": action.value, "duration_ms": attempt.duration_ms,
-                   "attempt_id": attempt.pk},
-        )
-        return _order_result(order, action, reason, outcome=result.outcome, attempt=attempt, duration=result.elapsed)
-
-    def _record_withdrawn(self, withdrawn: _Withdrawn) -> OrderCloseResult:
-        """Complete the row of a request that never left, saying so, and give the order's claim back."""
-        order, attempt = withdrawn.order, withdrawn.attempt
-        completion = attempt.completion(completed_at=withdrawn.at, reason=f"not sent: {withdrawn.reason}")
-        completed, _released = update_rows(completion, self._release_update(order))
-        if completed:
-            completion.apply_to(attempt)
-        logger.info("closeorder %s not sent: %s", order.out_trade_no, withdrawn.reason,
-                    extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
-                           "action": CloseAction.SKIPPED.value, "attempt_id": attempt.pk})
-        return _order_result(order, CloseAction.SKIPPED, withdrawn.reason, attempt=attempt)
-
-    def _decide(self, order: Order, result: CloseResult, now: datetime) -> _Decision:
-        """What WeChat's answer means for the order (PROTOCOL.md's outcome table); nothing is written here."""
-        outcome = result.outcome
-        bookkeeping: dict[str, Any] = {
-            "attempt_count": Add(1),
-            "last_attempt_at": now,
-            "last_outcome": outcome.value,
-            "last_error": result.reason,
-        }
-        failed = {"outcome": outcome, "reason": result.reason}
-
-        def keep_open(action: CloseAction, signal: Any, reason: str = result.reason,
-                      signal_kwargs: dict[str, Any] = failed, **updates: Any) -> _Decision:
-            return _Decision(now, action, reason, self._release_update(order, **bookkeeping, **updates),
-                             bookkeeping, signal, signal_kwargs)
-
-        def change_state(target: str, action: CloseAction, signal: Any, reason: str = result.reason,
-                         signal_kwargs: dict[str, Any] | None = None, **updates: Any) -> _Decision:
-            """Conditional on the state the close started from: if that moved, nothing lands (see record)."""
-            if target not in ALLOWED_TRANSITIONS[order.state]:
-                raise InvalidTransition(f"{order.state} -> {target} is not an allowed transition")
-            values = {"state": target, "state_changed_at": now, "claim_token": None, "claim_expires_at": None,
-                      **bookkeeping, **updates}
-            update = RowUpdate(Order, order.pk, values, where={"state": order.state})
-            return _Decision(now, action, reason, update, bookkeeping, signal, signal_kwargs or {})
-
-        if outcome is Outcome.PAID:
-            return change_state(OrderState.PAID, CloseAction.FOUND_PAID, signals.order_found_paid,
-                                retry_count=0, next_attempt_at=None, paid_at=now)
-        if outcome.order_is_closed:
-            already = outcome is Outcome.ALREADY_CLOSED
-            return change_state(OrderState.CLOSED, CloseAction.ALREADY_CLOSED if already else CloseAction.CLOSED,
-                                signals.order_closed, signal_kwargs={"already_closed": already},
-                                retry_count=0, next_attempt_at=None, closed_at=now)
-        if outcome.halts_merchant:
-            self.halt(order.merchant, result.reason)
-            return keep_open(CloseAction.CONFIGURATION_ERROR, signals.close_failed,
-                             next_attempt_at=now + self.settings.retry_backoff)
-        if outcome.needs_attention:
-            return keep_open(CloseAction.PUT_ON_HOLD, signals.close_failed, on_hold=True)
-
-        retries = order.retry_count + 1
-        if retries < self.settings.max_attempts:
-            return keep_open(CloseAction.RETRY_SCHEDULED, signals.close_failed, retry_count=Add(1),
-                             next_attempt_at=now + self.settings.retry_delay(retries))
-        exhausted = f"gave up after {retries} attempts; last: {result.reason or outcome.value}"
-        exhausted_kwargs = {"outcome": outcome, "reason": exhausted}
-        if outcome is Outcome.NOT_FOUND:
-            # PROTOCOL.md: after the last retry an ORDERNOTEXIST order is terminal and can never be paid.
-            return change_state(OrderState.UNKNOWN_TO_WECHAT, CloseAction.MARKED_UNKNOWN,
-                                signals.close_attempts_exhausted, exhausted, exhausted_kwargs, retry_count=retries)
-        return keep_open(CloseAction.PUT_ON_HOLD, signals.close_attempts_exhausted, exhausted, exhausted_kwargs,
-                         retry_count=retries, on_hold=True)
-
-
-@dataclass(frozen=True)
-class _Decision:
-    """An answer's consequence: the order's UPDATE, then the action, reason and signal reported if it lands."""
-
-    answered_at: datetime
-    action: CloseAction
-    reason: str
-    update: RowUpdate
-    bookkeeping: dict[str, Any]  # written alone (with the claim released) if a state change does not land
-    signal: Any = None
-    signal_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Ready:
-    """An order that passed its checks, with its signed request and the audit row to write before sending it."""
-
-    order: Order
-    client: CloseOrderClient
-    prepared: PreparedClose
-    audit_row: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Withdrawn:
-    """A started close that was not sent after all: its audit row is completed with why, and no answer."""
-
-    order: Order
-    attempt: CloseAttempt
-    reason: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class _Answered:
-    """An answer between its arrival and its write: what was sent, what came back, what it means."""
-
-    order: Order
-    attempt: CloseAttempt
-    result: CloseResult
-    decision: _Decision
+    transaction.on_commit(send, using=using)
 
 
 def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
@@ -600,32 +296,442 @@ def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcom
     )
 
 
-def _guarded(order: Order | _Ready, close: Callable[[], T]) -> T | OrderCloseResult:
-    """Isolate one order's unexpected failure: log it, report it, keep going with the others."""
-    try:
-        return close()
-    except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others (or kill a worker)
-        return _failed(order.order if isinstance(order, _Ready) else order, exc)
-
-
 def _failed(order: Order, exc: Exception) -> OrderCloseResult:
     logger.error(
         "Closing order %s failed unexpectedly", order.out_trade_no, exc_info=exc,
         extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant},
     )
-    return OrderCloseResult(order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant,
-                            action=CloseAction.FAILED, reason=f"{type(exc).__name__}: {exc}")
+    return _order_result(order, CloseAction.FAILED, f"{type(exc).__name__}: {exc}")
 
 
-# -- public services ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Started:
+    """A claimed order whose audit row is written and whose signed request is ready to leave."""
+
+    order: Order
+    attempt: CloseAttempt
+    client: CloseOrderClient
+    prepared: PreparedClose
+    lease_from: float  # time.monotonic() just before the claim's lease was (re)started on the database
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What an answer means for the order: the UPDATE to apply if the claim is still ours, and what to report."""
+
+    action: CloseAction
+    reason: str
+    values: dict[str, Any]
+    signal: Any = None
+    signal_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Run:
+    """One caller's closes: settings, the claim token, and what the run learnt (halted merchants, outages).
+
+    Shared by the pool's workers; everything mutable is behind `_lock`.
+    """
+
+    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int = 1) -> None:
+        self.settings = settings
+        self.trigger = trigger
+        self.user = user if getattr(user, "pk", None) is not None else None
+        self.actor = self.user.get_username() if self.user is not None else ""
+        self.db = _write_database()
+        # Every claim of this run carries this token; a release keeps it, so the run never claims an order twice.
+        self.token = uuid.uuid4()
+        self.pool_size = workers  # one kept-alive connection to WeChat per worker
+        self.halted: dict[str, str] = {}
+        self.database_error = ""
+        self.stopped_early = ""
+        self.interrupted = False  # Ctrl-C: claim nothing more, record what is in flight
+        self._configuration_errors: Counter[str] = Counter()
+        self._recent: deque[bool] = deque(maxlen=BREAKER_WINDOW)  # True: the exchange failed in transport
+        self._lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.database_error or self.stopped_early or self.interrupted)
+
+    # -- what the run learns from answers ---------------------------------------------------------
+
+    def _learn(self, order: Order, result: CloseResult) -> bool:
+        """Note the answer; True if it spends one of the order's MAX_ATTEMPTS.
+
+        A transport failure spends one only where the run has shown WeChat reachable (most of its recent
+        exchanges got an answer): in an outage, or before the run could tell, it is retried for free, so hours
+        of outage put nothing on hold. When most recent exchanges failed in transport, the run stops early.
+        """
+        with self._lock:
+            transport_failure = result.outcome in _TRANSPORT_FAILURES
+            self._recent.append(transport_failure)
+            failures = sum(self._recent)
+            judged = len(self._recent) >= BREAKER_MIN_EXCHANGES
+            outage = judged and failures >= BREAKER_SHARE * len(self._recent)
+            if outage and not self.stopped_early:
+                self.stopped_early = (f"WeChat looks unreachable: {failures} of the last {len(self._recent)} requests "
+                                      f"failed in transport (last: {result.reason})")
+                logger.error("Stopping the run early: %s", self.stopped_early, extra={"outcome": result.outcome.value})
+            if result.outcome is Outcome.CONFIGURATION_ERROR:
+                self._note_configuration_error(order.merchant, result.reason)
+            elif result.signature_verified:  # a verified answer proves the key and sign type work
+                self._configuration_errors[order.merchant] = 0
+            return not transport_failure or (judged and not outage)
+
+    def _note_configuration_error(self, merchant: str, reason: str) -> None:
+        """Caller holds `_lock`. Two in a row halt the merchant for the rest of the run."""
+        self._configuration_errors[merchant] += 1
+        if self._configuration_errors[merchant] >= HALT_AFTER_CONFIGURATION_ERRORS:
+            self._halt(merchant, reason)
+
+    def _halt(self, merchant: str, reason: str) -> None:
+        if merchant not in self.halted:
+            self.halted[merchant] = reason
+            logger.error("Stopped closing orders of merchant %r for this run: %s", merchant, reason,
+                         extra={"merchant": merchant, "outcome": Outcome.CONFIGURATION_ERROR.value})
+
+    # -- the database, reconnected when its connection is lost -------------------------------------
+
+    def _with_database(self, step: Callable[[], T]) -> T:
+        """Run `step` (one transaction, or a read); after a lost connection reconnect and run it again."""
+        for delay in (*DATABASE_RETRY_DELAYS, None):
+            try:
+                return step()
+            except (OperationalError, InterfaceError) as exc:
+                connections[self.db].close()  # the next query opens a new connection
+                if delay is None:
+                    raise DatabaseUnavailable(f"the database is unavailable: {exc}".strip()) from exc
+                logger.warning("Lost the database connection (%s); reconnecting in %.1fs", exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last try raises")
+
+    # -- one close ----------------------------------------------------------------------------------
+
+    def close(self, claim: Callable[[], Order | None], chosen: Order | None = None) -> OrderCloseResult | None:
+        """Claim an order with `claim`, send its close and record the answer; None when nothing was claimed.
+
+        `chosen` is the order a person or the shop's code asked for, if any.
+        """
+        order = chosen
+        try:
+            order = self._with_database(claim)
+            if order is None:
+                return None
+            started = self._start(order)
+            if not isinstance(started, _Started):
+                return started
+            lease_left = self.settings.claim_timeout.total_seconds() - (time.monotonic() - started.lease_from)
+            if lease_left <= self.settings.longest_exchange.total_seconds():
+                return self._with_database(lambda: self._not_sent(started, lease_left))
+            return self._record(started, started.client.send(started.prepared))
+        except DatabaseUnavailable as exc:
+            with self._lock:
+                self.database_error = self.database_error or str(exc)
+            return None if order is None else _order_result(order, CloseAction.FAILED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others (or kill a worker)
+            if order is not None:  # it keeps this run's claim until the lease lapses: the next run tries again
+                return _failed(order, exc)
+            logger.error("Claiming an order failed unexpectedly", exc_info=exc)
+            with self._lock:  # a bug in claiming would repeat for every order: stop
+                self.stopped_early = self.stopped_early or f"claiming failed: {type(exc).__name__}: {exc}"
+            return None
+
+    def _start(self, order: Order) -> _Started | OrderCloseResult:
+        """Check and sign a claimed order; then, in one transaction, renew its claim, settle what a lapsed
+        claim left unfinished and write the audit row of the request about to leave."""
+        problem = self._configuration_problem(order)
+        if problem:
+            return self._with_database(lambda: self._settle_unsent(order, CloseAction.CONFIGURATION_ERROR, problem))
+        client = _client(self.settings, order.merchant, self.pool_size)
+        try:
+            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
+        except InvalidRequestField as exc:
+            return self._with_database(
+                lambda: self._settle_unsent(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}"))
+
+        def write_row() -> _Started | OrderCloseResult:
+            with transaction.atomic(using=self.db):
+                lease_from = time.monotonic()
+                renewed = Order.objects.using(self.db).filter(
+                    pk=order.pk, claim_token=self.token, state=OrderState.OPEN,
+                ).update(claim_expires_at=Now() + self.settings.claim_timeout)
+                if not renewed:
+                    return _order_result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
+                # Rows an earlier holder of this order left unfinished: its claim lapsed before it wrote an answer.
+                CloseAttempt.objects.using(self.db).filter(order=order).complete(reason=ABANDONED)
+                attempt = CloseAttempt.objects.using(self.db).create(
+                    order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
+                    out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
+                    url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
+                )
+            return _Started(order, attempt, client, prepared, lease_from)
+
+        return self._with_database(write_row)
+
+    def _configuration_problem(self, order: Order) -> str:
+        if order.merchant in self.halted:
+            return MERCHANT_HALTED
+        configured = self.settings.merchants.get(order.merchant)
+        if configured is None:
+            return f"merchant {order.merchant!r} is not in WXPAY_CLOSE['MERCHANTS']"
+        merchant = configured.merchant
+        if (order.appid, order.mch_id) != (merchant.appid, merchant.mch_id):
+            return (f"order was created for appid {order.appid}/mch_id {order.mch_id} but merchant "
+                    f"{order.merchant!r} is configured with {merchant.appid}/{merchant.mch_id}")
+        return ""
+
+    def _settle_unsent(self, order: Order, action: CloseAction, problem: str) -> OrderCloseResult:
+        """A claimed order found unsendable before its request was built: release it, backed off or on hold."""
+        if problem == MERCHANT_HALTED:
+            self._release(order, {})
+            return _order_result(order, CloseAction.SKIPPED, problem)
+        values: dict[str, Any] = {"last_outcome": (Outcome.CONFIGURATION_ERROR if action is CloseAction.CONFIGURATION_ERROR
+                                                   else Outcome.CLIENT_BUG).value, "last_error": problem}
+        if action is CloseAction.CONFIGURATION_ERROR:
+            with self._lock:
+                self._note_configuration_error(order.merchant, problem)
+            values.update(self._backoff(order, counted=True)[1])
+        else:
+            values.update(on_hold=True, next_attempt_at=None)
+        self._release(order, values)
+        return _order_result(order, action, problem)
+
+    def _release(self, order: Order, values: dict[str, Any]) -> int:
+        """Write `values` and give the claim back, only while the claim is still ours."""
+        return Order.objects.using(self.db).filter(pk=order.pk, claim_token=self.token, state=OrderState.OPEN).update(
+            claim_expires_at=None, **values)
+
+    def _not_sent(self, started: _Started, lease_left: float) -> OrderCloseResult:
+        """The database took so long to write the claim and the row that the lease could not cover an exchange."""
+        reason = (f"not sent: the database took so long to record the claim that only {max(lease_left, 0):.1f}s of "
+                  "it was left, less than one exchange can take")
+        with transaction.atomic(using=self.db):
+            self._release(started.order, {})
+            started.attempt.complete(reason=reason)
+        logger.warning("closeorder %s %s", started.order.out_trade_no, reason,
+                       extra={"order_id": started.order.pk, "out_trade_no": started.order.out_trade_no})
+        return _order_result(started.order, CloseAction.SKIPPED, reason, attempt=started.attempt)
+
+    def _record(self, started: _Started, result: CloseResult) -> OrderCloseResult:
+        """Apply the answer to the order and complete its audit row, in one transaction (retried if the
+        connection drops; if the database stays away the answer is logged, never lost silently)."""
+        order = started.order
+        decision = self._decide(order, result, counted=self._learn(order, result))
+        tries = 0
+
+        def write() -> OrderCloseResult:
+            nonlocal tries
+            tries += 1
+            return self._write_answer(started, result, decision, retrying=tries > 1)
+
+        try:
+            return self._with_database(write)
+        except DatabaseUnavailable:
+            logger.error(
+                "Could not record the answer to closeorder %s (outcome %s); its audit row stays unfinished and "
+                "the order is closed again once its claim lapses. Response body: %s",
+                order.out_trade_no, result.outcome.value, _response_text(result.response_body),
+                extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "outcome": result.outcome.value,
+                       "attempt_id": started.attempt.pk},
+            )
+            raise
+
+    def _write_answer(self, started: _Started, result: CloseResult, decision: _Decision, *,
+                      retrying: bool) -> OrderCloseResult:
+        order, attempt = started.order, started.attempt
+        answer = _audit_answer(result)
+        with transaction.atomic(using=self.db):
+            row = CloseAttempt.objects.using(self.db).filter(pk=attempt.pk)
+            if retrying and row.filter(outcome=answer["outcome"], response_body=answer["response_body"]).exists():
+                # The commit of the try before landed, though its acknowledgement was lost with the connection.
+                return _order_result(order, decision.action, decision.reason, outcome=result.outcome,
+                                     attempt=attempt, duration=result.elapsed)
+            # The order first: its row lock keeps other sweepers off it until the answer is committed.
+            applied = Order.objects.using(self.db).filter(
+                pk=order.pk, claim_token=self.token, state=OrderState.OPEN).update(**decision.values)
+            action, reason = decision.action, decision.reason
+            if not applied:
+                action, reason = self._not_applied(order, result, decision)
+                answer["reason"] = "; ".join(filter(None, [result.reason, f"applied nothing: {reason}"]))
+            if not attempt.complete(completed_at=timezone.now(), **answer):
+                logger.error(
+                    "The answer to closeorder %s (outcome %s) came after its audit row was completed as abandoned; "
+                    "response body: %s", order.out_trade_no, result.outcome.value, answer["response_body"],
+                    extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "attempt_id": attempt.pk})
+            if applied and decision.signal is not None:
+                _send_signal(decision.signal, order, self.db, attempt=attempt, **decision.signal_kwargs)
+        logger.info(
+            "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
+            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
+                   "outcome": result.outcome.value, "action": action.value, "duration_ms": answer["duration_ms"],
+                   "attempt_id": attempt.pk},
+        )
+        return _order_result(order, action, reason, outcome=result.outcome, attempt=attempt, duration=result.elapsed)
+
+    def _not_applied(self, order: Order, result: CloseResult, decision: _Decision) -> tuple[CloseAction, str]:
+        """Why an answer's UPDATE found nothing to change: the state moved (a payment recorded meanwhile, say),
+        or the claim was taken over. In the first case the exchange is still counted and the claim released."""
+        current = Order.objects.using(self.db).filter(pk=order.pk).values("state", "claim_token").get()
+        if current["state"] == OrderState.OPEN:
+            return CloseAction.CLAIM_LOST, "its claim lapsed and another close took the order over"
+        bookkeeping = {name: decision.values[name] for name in _BOOKKEEPING}
+        Order.objects.using(self.db).filter(pk=order.pk, claim_token=self.token).update(
+            claim_expires_at=None, **bookkeeping)
+        if current["state"] == OrderState.PAID and result.outcome is Outcome.PAID:
+            return CloseAction.FOUND_PAID, "the payment was recorded while the close was in flight"
+        return CloseAction.FAILED, f"WeChat answered {result.outcome.value} but the order is now {current['state']}"
+
+    def _backoff(self, order: Order, *, counted: bool) -> tuple[bool, dict[str, Any]]:
+        """(retries spent, the UPDATE values) for a failure retried later; `counted` spends one of MAX_ATTEMPTS.
+
+        The wait doubles with each failed exchange of the order, counted or not: RETRY_BACKOFF · 2^(n-1).
+        """
+        retries = order.retry_count + 1 if counted else order.retry_count
+        if retries >= self.settings.max_attempts:
+            return True, {"retry_count": retries}
+        return False, {"retry_count": retries,
+                       "next_attempt_at": Now() + self.settings.retry_delay(order.attempt_count + 1)}
+
+    def _decide(self, order: Order, result: CloseResult, *, counted: bool) -> _Decision:
+        """What WeChat's answer means for the order (docs/protocol.md#outcomes); nothing is written here."""
+        outcome = result.outcome
+        values: dict[str, Any] = {"attempt_count": F("attempt_count") + 1, "last_attempt_at": Now(),
+                                  "last_outcome": outcome.value, "last_error": result.reason}
+        failed = {"outcome": outcome, "reason": result.reason}
+
+        def keep_open(action: CloseAction, signal: Any, reason: str = result.reason,
+                      signal_kwargs: dict[str, Any] = failed, **updates: Any) -> _Decision:
+            return _Decision(action, reason, {**values, **updates, "claim_expires_at": None}, signal, signal_kwargs)
+
+        def change_state(target: str, action: CloseAction, signal: Any, reason: str = result.reason,
+                         signal_kwargs: dict[str, Any] | None = None, **updates: Any) -> _Decision:
+            if target not in ALLOWED_TRANSITIONS[OrderState.OPEN]:
+                raise InvalidTransition(f"open -> {target} is not an allowed transition")
+            return _Decision(action, reason, {**values, "state": target, "state_changed_at": Now(),
+                                              "claim_expires_at": None, "next_attempt_at": None, **updates},
+                             signal, signal_kwargs or {})
+
+        if outcome is Outcome.PAID:
+            return change_state(OrderState.PAID, CloseAction.FOUND_PAID, signals.order_found_paid,
+                                retry_count=0, paid_at=Now())
+        if outcome.order_is_closed:
+            already = outcome is Outcome.ALREADY_CLOSED
+            return change_state(OrderState.CLOSED, CloseAction.ALREADY_CLOSED if already else CloseAction.CLOSED,
+                                signals.order_closed, signal_kwargs={"already_closed": already},
+                                retry_count=0, closed_at=Now())
+        if outcome.needs_attention:
+            return keep_open(CloseAction.PUT_ON_HOLD, signals.close_failed, on_hold=True, next_attempt_at=None)
+
+        # Retried later: a configuration error too, so one poison order does not stop its merchant for ever.
+        spent, updates = self._backoff(order, counted=counted)
+        action = CloseAction.CONFIGURATION_ERROR if outcome.halts_merchant else CloseAction.RETRY_SCHEDULED
+        if not spent:
+            return keep_open(action, signals.close_failed, **updates)
+        exhausted = f"gave up after {updates['retry_count']} attempts; last: {result.reason or outcome.value}"
+        exhausted_kwargs = {"outcome": outcome, "reason": exhausted}
+        if outcome is Outcome.NOT_FOUND:
+            # docs/protocol.md#outcomes: after the last retry an ORDERNOTEXIST order is terminal, never payable.
+            return change_state(OrderState.UNKNOWN_TO_WECHAT, CloseAction.MARKED_UNKNOWN,
+                                signals.close_attempts_exhausted, exhausted, exhausted_kwargs, **updates)
+        return keep_open(CloseAction.PUT_ON_HOLD, signals.close_attempts_exhausted, exhausted, exhausted_kwargs,
+                         on_hold=True, next_attempt_at=None, **updates)
+
+    # -- claims -------------------------------------------------------------------------------------
+
+    def claim_due(self, *, merchants: list[str] | None, older_than: timedelta | None) -> Order | None:
+        """Claim the most overdue order nobody holds (SKIP LOCKED where supported); None when none is due.
+
+        Never one this run claimed before: a release keeps the run's token on the order.
+        """
+        while True:
+            due = orders_due_for_closing(min_order_age=self.settings.min_order_age, merchants=merchants,
+                                         exclude_merchants=list(self.halted), older_than=older_than)
+            with transaction.atomic(using=self.db):
+                order = due.using(self.db).exclude(claim_token=self.token).select_for_update(skip_locked=True).first()
+                if order is None:
+                    return None
+                # Conditional again for SQLite, which has no row locks: the order may have been claimed meanwhile.
+                if self._take(order, Q()):
+                    return order
+
+    def claim_chosen(self, order: Order) -> Order | None:
+        """Claim an order a person or the shop's code chose; a hold is lifted and the retry budget restarts."""
+        fresh = Q(created_at__lte=Now() - self.settings.min_order_age)
+        if self._take(order, fresh, on_hold=False, retry_count=0):
+            order.on_hold, order.retry_count = False, 0
+            return order
+        return None
+
+    def _take(self, order: Order, condition: Q, **values: Any) -> bool:
+        claimed = Order.objects.using(self.db).filter(condition, claimable(), pk=order.pk, state=OrderState.OPEN).update(
+            claim_token=self.token, claim_expires_at=Now() + self.settings.claim_timeout, **values)
+        if claimed:
+            order.claim_token = self.token
+        return bool(claimed)
+
+    def why_not_claimed(self, order: Order) -> str:
+        order.refresh_from_db(using=self.db)
+        return why_not_closable(order, now=timezone.now(), min_order_age=self.settings.min_order_age) or (
+            CLAIMED_ELSEWHERE if order.claim_expires_at is not None else
+            "younger than MIN_ORDER_AGE by the database's clock")
+
+
+def _close_chosen(run: _Run, order: Order) -> OrderCloseResult:
+    result = run.close(lambda: run.claim_chosen(order), order)
+    if result is not None:
+        return result
+    try:
+        return _order_result(order, CloseAction.SKIPPED, run.why_not_claimed(order))
+    except Exception as exc:  # noqa: BLE001 - the lookup of why is only for the report
+        return _failed(order, exc)
+
+
+def _run_pool(run: _Run, report: CloseReport, workers: int, next_close: Callable[[], OrderCloseResult | None]) -> None:
+    """`workers` threads, each closing one order after another until `next_close` has none or the run stops."""
+
+    def work() -> None:
+        try:
+            while not run.stopping and (result := next_close()) is not None:
+                report.add(result)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    threads = [threading.Thread(target=work, name=f"wxpay-close-{n}", daemon=True) for n in range(max(workers, 1))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:  # let each worker write the answer it waits for, then stop (a second Ctrl-C: now)
+        run.interrupted = True
+        for thread in threads:
+            thread.join()
+        raise
+
+
+def _finish(run: _Run, report: CloseReport) -> CloseReport:
+    report.halted_merchants.update(run.halted)
+    report.stopped_early = run.stopped_early
+    report.finish()
+    if run.database_error:
+        raise DatabaseUnavailable(run.database_error, report)
+    return report
+
+
+# -- public services ---------------------------------------------------------------------------------
 
 
 def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) -> OrderCloseResult:
-    """Close one order now (if it is open, old enough and not in flight elsewhere); `order` is refreshed."""
-    _require_autocommit()
-    run = _CloseRun(load_settings(), trigger=trigger, user=user)
-    result = _guarded(order, lambda: run.claim_and_close(order))
-    order.refresh_from_db()
+    """Close one order now (if it is open, old enough and not in flight elsewhere); `order` is refreshed.
+
+    Raises `DatabaseUnavailable` if the database went away and stayed away while the close was under way.
+    """
+    run = _Run(load_settings(), trigger=trigger, user=user)
+    _require_autocommit(run.db)
+    result = _close_chosen(run, order)
+    if run.database_error:
+        raise DatabaseUnavailable(run.database_error)
+    order.refresh_from_db(using=run.db)
     return result
 
 
@@ -633,24 +739,22 @@ def close_orders(
     orders: Iterable[Order], *, trigger: str = Trigger.CODE, user: Any = None, workers: int | None = None,
     on_result: Callable[[OrderCloseResult], None] | None = None,
 ) -> CloseReport:
-    """Close several chosen orders (the admin action), `workers` requests in flight at once (pipeline.py)."""
-    _require_autocommit()
+    """Close several chosen orders (the admin action) with `workers` threads."""
     settings = load_settings()
     workers = workers or settings.workers
-    run = _CloseRun(settings, trigger=trigger, user=user, workers=workers)
+    run = _Run(settings, trigger=trigger, user=user, workers=workers)
+    _require_autocommit(run.db)
     report = CloseReport(observer=on_result)
-    with _pipeline(run, report, start=run.claim_and_start_many, workers=workers, waiting=workers * 2) as pipeline:
-        for order in orders:
-            pipeline.submit(order)
-    return report.finish()
+    chosen: Iterator[Order] = iter(orders)
+    lock = threading.Lock()
 
+    def next_close() -> OrderCloseResult | None:
+        with lock:
+            order = next(chosen, None)
+        return None if order is None else _close_chosen(run, order)
 
-def _pipeline(run: _CloseRun, report: CloseReport, *, start: Callable[[list[Any]], list[Sending | OrderCloseResult]],
-              workers: int, waiting: int) -> ClosePipeline[Any, OrderCloseResult]:
-    """`workers` requests in flight at once; `start` takes chosen orders (the admin) or checked ones (the sweep)."""
-    return ClosePipeline(concurrency=workers, start=start, answered=run.answered, withdraw=run.withdraw,
-                         record=run.record, on_result=report.add, guard=_guarded, waiting=waiting,
-                         write_ahead=run.writes_ahead)
+    _run_pool(run, report, workers, next_close)
+    return _finish(run, report)
 
 
 def sweep_expired_orders(
@@ -664,42 +768,46 @@ def sweep_expired_orders(
     dry_run: bool = False,
     on_result: Callable[[OrderCloseResult], None] | None = None,
 ) -> CloseReport:
-    """Close every open order past its payment window, batch by batch, in constant memory.
+    """Close every open order past its payment window, each worker claiming one order when it can start it.
 
-    Each batch is claimed in one short transaction, so several sweepers (cron on many hosts)
-    share a backlog without sending the same order twice. A merchant whose key is rejected is
-    halted for the rest of the run; its other orders stay untouched.
+    Several sweepers (cron on many hosts) share a backlog without sending the same order twice: each order is
+    claimed with a lease on the database's clock. A merchant with two configuration errors in a row is halted
+    for the rest of the run; a run whose requests mostly fail in transport stops early (`stopped_early`).
+    `batch_size` is the chunk a dry run reads at a time. Raises `DatabaseUnavailable` (with the report so far)
+    when the database went away and stayed away.
     """
-    _require_autocommit()
     settings = load_settings()
-    batch_size = batch_size or settings.batch_size
     workers = workers or settings.workers
-    run = _CloseRun(settings, trigger=trigger, workers=workers)
+    run = _Run(settings, trigger=trigger, workers=workers)
+    _require_autocommit(run.db)
     report = CloseReport(observer=on_result)
 
     if dry_run:
-        due = orders_due_for_closing(now=timezone.now(), min_order_age=settings.min_order_age,
-                                     merchants=merchants, older_than=older_than)
-        for order in (due[:limit] if limit else due).iterator(chunk_size=batch_size):
+        due = orders_due_for_closing(min_order_age=settings.min_order_age, merchants=merchants,
+                                     older_than=older_than).using(run.db)
+        for order in (due[:limit] if limit else due).iterator(chunk_size=batch_size or settings.batch_size):
             report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
         return report.finish()
 
-    claimed_total = 0
-    # This thread claims the next batch, and checks and signs its orders, while the last one's are being sent.
-    with _pipeline(run, report, start=run.start_ready_many, workers=workers, waiting=batch_size + workers) as pipeline:
-        while limit is None or claimed_total < limit:
-            size = batch_size if limit is None else min(batch_size, limit - claimed_total)
-            batch = run.claim_due_batch(now=timezone.now(), limit=size, merchants=merchants, older_than=older_than)
-            if not batch:
-                break
-            claimed_total += len(batch)
-            for order in batch:
-                ready = run.check_and_sign(order)
-                if isinstance(ready, _Ready):
-                    pipeline.submit(ready)
-                else:
-                    pipeline.report(ready)
-    return report.finish()
+    budget = threading.Semaphore(limit) if limit is not None else None
+
+    def next_close() -> OrderCloseResult | None:
+        if budget is not None and not budget.acquire(blocking=False):
+            return None
+        result = run.close(lambda: run.claim_due(merchants=merchants, older_than=older_than))
+        if result is None and budget is not None:
+            budget.release()
+        return result
+
+    _run_pool(run, report, workers, next_close)
+    return _finish(run, report)
+
+
+def lift_hold(orders: Iterable[Order]) -> int:
+    """Let the sweep take these orders again: clear the hold and restart their retry budget. Returns how many."""
+    ids = [order.pk for order in orders]
+    return Order.objects.using(_write_database()).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
+        on_hold=False, retry_count=0, next_attempt_at=None)
 
 
 def create_order(
@@ -734,17 +842,17 @@ def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
     Idempotent for an order already PAID; refuses a CLOSED order (WeChat cannot have taken that
     payment: investigate). Afterwards the sweep never sends closeorder for it.
     """
-    paid_at = paid_at or timezone.now()
+    using = _write_database()
     for _ in range(3):  # the state may move under us once (a close landing); re-read and decide again
-        order.refresh_from_db(fields=["state"])
+        order.refresh_from_db(using=using, fields=["state"])
         if order.state == OrderState.PAID:
             return order
         if OrderState.PAID not in ALLOWED_TRANSITIONS[order.state]:
             raise InvalidTransition(f"order {order.out_trade_no} is {order.state}; a payment cannot be recorded")
-        if Order.objects.filter(pk=order.pk, state=order.state).update(
-            state=OrderState.PAID, state_changed_at=timezone.now(), paid_at=paid_at
+        if Order.objects.using(using).filter(pk=order.pk, state=order.state).update(
+            state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now(), next_attempt_at=None
         ):
-            order.refresh_from_db()
-            _send_signal(signals.order_paid_recorded, order, attempt=None)
+            order.refresh_from_db(using=using)
+            _send_signal(signals.order_paid_recorded, order, using, attempt=None)
             return order
     raise InvalidTransition(f"order {order.out_trade_no} kept changing state; payment not recorded")

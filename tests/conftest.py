@@ -147,3 +147,49 @@ def reliability_figures(request: pytest.FixtureRequest) -> Callable[..., None]:
                 stream.write(line + "\n")
 
     return record
+
+
+# -- faults injected where they happen: in the database ---------------------------------------------------------
+
+
+@pytest.fixture
+def database_fault(transactional_db: None) -> Iterator[Callable[..., None]]:
+    """Makes the database itself fail (or stall) a write: a trigger on one of the app's tables.
+
+    `database_fault("closeattempt", "UPDATE", out_trade_no=...)` fails the writes of an answer (an UPDATE that
+    sets an outcome) for that order; "INSERT" fails the audit row's insert; `delay=1.5` stalls the write instead
+    (PostgreSQL only). The error is one the service cannot mistake for a lost connection. Dropped afterwards.
+    """
+    created: list[tuple[str, str]] = []
+
+    def inject(model: str, operation: str, *, out_trade_no: str | None = None, delay: float | None = None) -> None:
+        table = f"django_wxpay_close_{model}"
+        name = f"wxpay_test_fault_{len(created)}"
+        conditions = ["TRUE"]
+        if out_trade_no is not None:
+            conditions.append(f"NEW.out_trade_no = '{out_trade_no}'")
+        if model == "closeattempt" and operation == "UPDATE":
+            conditions.append("NEW.outcome <> ''")
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                action = f"PERFORM pg_sleep({delay})" if delay else "RAISE EXCEPTION 'injected fault'"
+                cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN IF {' AND '.join(conditions)} "
+                               f"THEN {action}; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+                cursor.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()")
+            elif delay:
+                pytest.skip("a stalled write is injected on PostgreSQL (pg_sleep in a trigger)")
+            elif connection.vendor == "sqlite":
+                when = " AND ".join(c.replace("TRUE", "1") for c in conditions)
+                cursor.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON {table} FOR EACH ROW WHEN {when} "
+                               "BEGIN SELECT RAISE(ABORT, 'injected fault'); END")
+            else:  # MySQL/MariaDB: a NOT NULL column set to NULL fails as an IntegrityError
+                cursor.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON {table} FOR EACH ROW BEGIN "
+                               f"IF {' AND '.join(conditions)} THEN SET NEW.out_trade_no = NULL; END IF; END")
+        created.append((name, table))
+
+    yield inject
+    with connection.cursor() as cursor:
+        for name, table in created:
+            cursor.execute(f"DROP TRIGGER {name}" + (f" ON {table}" if connection.vendor == "postgresql" else ""))
+            if connection.vendor == "postgresql":
+                cursor.execute(f"DROP FUNCTION {name}()")

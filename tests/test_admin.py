@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
-from django_wxpay_close.services import close_order, sweep_expired_orders
+from django_wxpay_close.services import CloseAction, close_order, sweep_expired_orders
 from django_wxpay_close.testing import API_KEY, Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
@@ -259,21 +259,22 @@ def test_the_order_page_shows_the_audit_trail_newest_first_and_never_the_api_key
     assert API_KEY not in page
 
 
-def test_a_row_written_ahead_and_called_off_shows_as_not_sent_with_its_reason(admin_client, make_order, simulator,
-                                                                             wxpay_settings):
-    wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4  # the first answer halts the merchant
-    for _ in range(2):
-        make_order(merchant="other")
-    simulator.latency = 0.3  # the second row is written while the first request waits
-    sweep_expired_orders(workers=1)
-    [withdrawn] = [attempt for attempt in CloseAttempt.objects.all() if attempt.was_withdrawn]
+def test_a_row_settled_as_abandoned_shows_that_no_answer_was_recorded(admin_client, make_order, simulator):
+    order = make_order()
+    dead = CloseAttempt.objects.create(order=order, merchant=order.merchant, mch_id=order.mch_id,
+                                       sub_mch_id=order.sub_mch_id, out_trade_no=order.out_trade_no,
+                                       trigger=Trigger.COMMAND, url=simulator.base_url, sign_type="HMAC-SHA256",
+                                       request_xml="<xml></xml>")
+    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() - timedelta(seconds=1))  # it lapsed
+    sweep_expired_orders()
+    dead = CloseAttempt.objects.get(pk=dead.pk)
 
     listing = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_changelist")).content.decode()
-    page = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_change", args=[withdrawn.pk])).content.decode()
+    page = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_change", args=[dead.pk])).content.decode()
 
-    assert listing.count(">not sent</strong>") == 1 and ">configuration error</strong>" in listing
-    assert ">not sent</strong>" in page and "not sent: its merchant hit a configuration error" in page
-    assert str(withdrawn).endswith(": not sent")
+    assert listing.count(">no answer</strong>") == 1 and ">closed</strong>" in listing
+    assert ">no answer</strong>" in page and "no answer was recorded: the process stopped or lost its database" in page
+    assert str(dead).endswith(": no answer")
 
 
 def test_the_order_page_is_view_only(admin_client, make_order):
@@ -334,3 +335,16 @@ def test_the_order_page_says_when_a_young_order_can_first_be_closed(admin_client
     page = order_page(admin_client, order)
 
     assert "Awaiting payment: the payment window ends at" in page and "It cannot be closed before" in page
+
+
+def test_lifting_the_hold_of_selected_orders_lets_the_next_sweep_close_them(admin_client, make_order, simulator):
+    held = [make_order(on_hold=True, retry_count=3) for _ in range(2)]
+    untouched = make_order(on_hold=True)
+    response = admin_client.post(reverse("admin:django_wxpay_close_order_changelist"), {
+        "action": "lift_hold", ACTION_CHECKBOX_NAME: [str(order.pk) for order in held]}, follow=True)
+
+    assert "2 orders are off hold" in response.content.decode() and simulator.requests == []
+    assert sweep_expired_orders().by_action == {CloseAction.CLOSED: 2}
+    assert set(Order.objects.filter(pk__in=[o.pk for o in held]).values_list("state", "retry_count")) == {
+        (OrderState.CLOSED, 0)}
+    assert Order.objects.get(pk=untouched.pk).on_hold

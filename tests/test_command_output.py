@@ -78,7 +78,7 @@ def test_an_empty_run_says_there_was_nothing_to_do(transactional_db, wxpay_setti
 
 
 def test_a_halted_merchant_is_named_on_stderr(make_order, wxpay_settings):
-    make_order()
+    make_order(), make_order()
     wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
 
     _, errors = sweep()
@@ -140,7 +140,7 @@ def test_each_close_is_logged_with_fields_a_log_shipper_can_index(make_order, si
 
 
 def test_a_halted_merchant_is_logged_as_an_error_with_its_name(make_order, wxpay_settings, caplog):
-    make_order()
+    make_order(), make_order()
     wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
 
     sweep()

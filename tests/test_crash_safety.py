@@ -1,13 +1,14 @@
-"""A sweeper killed with SIGKILL mid-request: its audit rows stay unfinished, its claims lapse, the next run finishes.
+"""A sweeper killed with SIGKILL mid-request: at most WORKERS unfinished rows, claims that lapse, and a next run
+that finishes its orders and settles those rows as abandoned.
 
-PostgreSQL only: a real `manage.py close_expired_orders` process shares the test database.
+PostgreSQL and MariaDB: a real `manage.py close_expired_orders` process shares the test database.
 
 What is provable after a SIGKILL: the audit row is written before the request leaves, so every request the
 simulator received has a row; a row is completed only with an answer the process received, so a request
-whose answer had not been sent when the process died stays unfinished. Killing while every worker waits on
-the simulator's latency (and before the first answer could leave) makes the unfinished rows exactly the
-requests in flight plus the rows written ahead of a free request slot (one per four workers), whose
-requests never left.
+whose answer had not been sent when the process died stays unfinished. A worker writes its next row only
+after the answer of its last one, so a killed sweeper leaves at most one unfinished row per worker. Killing
+while every worker waits on the simulator's latency (before the first answer could leave) makes the
+unfinished rows exactly the requests in flight.
 """
 
 from __future__ import annotations
@@ -26,27 +27,23 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
-from django_wxpay_close.selectors import unfinished_attempts
+from django_wxpay_close.services import ABANDONED
 from django_wxpay_close.testing import MCH_ID, SUB_MCH_ID, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-ORDERS = 30
-WORKERS = 4
-ROWS_AHEAD = 1  # pipeline.REQUESTS_PER_ROW_AHEAD: one audit row written ahead per four requests in flight
-LATENCY = 1.5  # seconds every answer waits; the simulator applies the close when the request arrives
-# Must exceed CONNECT_TIMEOUT + READ_TIMEOUT (conf.py E010), and cover twice that + 5 s for rows to be
-# written ahead of a free slot (a wait for the slot, then the exchange: services._CloseRun.writes_ahead).
-CLAIM_TIMEOUT = timedelta(seconds=10)
+ORDERS = 80
+WORKERS = 32
+LATENCY = 2.0  # seconds every answer waits; the simulator applies the close when the request arrives
+CLAIM_TIMEOUT = timedelta(seconds=6)  # must exceed CONNECT_TIMEOUT + READ_TIMEOUT (conf.py E010)
 
 
 @dataclass(frozen=True)
 class Crash:
     killed_at: float  # time.time()
     in_flight: frozenset[str]  # out_trade_nos the simulator received and had not answered at the kill
-    written_ahead: frozenset[str]  # rows the dead process wrote for requests it had not sent yet
     claimed: frozenset[str]  # orders the dead process still held a claim on
     orders: tuple[Order, ...]
 
@@ -68,12 +65,12 @@ def sweep() -> None:
 def crash(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, make_order: Callable[..., Order],
           start_sweeper: Callable[..., Any]) -> Crash:
     """A sweeper killed with SIGKILL while all its workers wait for answers."""
-    wxpay_settings.update(CONNECT_TIMEOUT=0.5, READ_TIMEOUT=2.0, CLAIM_TIMEOUT=CLAIM_TIMEOUT)
+    wxpay_settings.update(CONNECT_TIMEOUT=0.5, READ_TIMEOUT=3.0, CLAIM_TIMEOUT=CLAIM_TIMEOUT)
     orders = tuple(make_order() for _ in range(ORDERS))
     simulator.latency = LATENCY
-    sweeper = start_sweeper("--workers", str(WORKERS), "--batch-size", "10")
+    sweeper = start_sweeper("--workers", str(WORKERS))
     wait_for(lambda: len(simulator.requests) >= WORKERS, timeout=20)
-    time.sleep(0.2)  # let any straggler that was about to send do so
+    time.sleep(0.2)  # a worker sends nothing more until its answer comes: the kill finds them all waiting
     os.kill(sweeper.pid, signal.SIGKILL)
     killed_at = time.time()
     sweeper.wait()
@@ -82,29 +79,23 @@ def crash(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, make_or
     assert all(r.received_at + LATENCY > killed_at for r in received), "an answer left before the kill"
     claimed = Order.objects.filter(claim_expires_at__gt=timezone.now()).values_list("out_trade_no", flat=True)
     in_flight = frozenset(r.out_trade_no for r in received)
-    rows = frozenset(CloseAttempt.objects.values_list("out_trade_no", flat=True))
-    return Crash(killed_at, in_flight, rows - in_flight, frozenset(claimed), orders)
+    return Crash(killed_at, in_flight, frozenset(claimed), orders)
 
 
-def test_a_killed_sweeper_leaves_its_in_flight_requests_and_its_rows_written_ahead_unfinished(
+def test_a_killed_sweeper_leaves_at_most_one_unfinished_row_per_worker_each_for_a_request_in_flight(
     crash: Crash, simulator: WeChatPaySimulator,
 ):
     unfinished = CloseAttempt.objects.unfinished()
+    assert unfinished.count() <= WORKERS
     assert len(crash.in_flight) == WORKERS
-    # Not lost: every request WeChat received has its row. Not invented beyond the bound: the only rows
-    # without a request are the ones written ahead of a free slot.
-    assert sorted(unfinished.values_list("out_trade_no", flat=True)) == sorted(crash.in_flight | crash.written_ahead)
-    assert len(crash.written_ahead) == ROWS_AHEAD
-    assert CloseAttempt.objects.count() == unfinished.count() == len(simulator.requests) + ROWS_AHEAD
+    # Not lost: every request WeChat received has its row. Not invented: no row without a request.
+    assert sorted(unfinished.values_list("out_trade_no", flat=True)) == sorted(crash.in_flight)
+    assert CloseAttempt.objects.count() == unfinished.count() == len(simulator.requests)
     assert all(a.outcome == "" and a.http_status is None for a in unfinished)
-    assert set(unfinished_attempts(started_before=timezone.now()).values_list("out_trade_no", flat=True)) == set(
-        crash.in_flight | crash.written_ahead)
     # WeChat did close them (the answers never arrived); locally they are still open, and still claimed.
     for number in crash.in_flight:
         assert simulator.order_state(number, mch_id=MCH_ID, sub_mch_id=SUB_MCH_ID) is RemoteState.CLOSED
-    for number in crash.written_ahead:
-        assert simulator.close_requests_for(number) == 0
-    assert crash.in_flight | crash.written_ahead <= crash.claimed
+    assert crash.in_flight <= crash.claimed
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
 
 
@@ -134,25 +125,22 @@ def test_the_next_run_after_the_claims_expire_finishes_the_dead_sweepers_orders_
 
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.CLOSED}
     for number in crash.in_flight:
-        # The second close learns what the first one did: ORDERCLOSED, so CLOSED (idempotent), not an error.
-        dead, finished = CloseAttempt.objects.filter(out_trade_no=number).order_by("started_at")
-        assert not dead.is_finished and finished.outcome == Outcome.ALREADY_CLOSED
+        # The second close learns what the first one did: ORDERCLOSED, so CLOSED (idempotent), not an error;
+        # the dead process's row is settled as abandoned: no answer is invented for it.
+        dead, finished = CloseAttempt.objects.filter(out_trade_no=number).order_by("started_at", "pk")
+        assert dead.is_finished and dead.reason == ABANDONED and dead.outcome == "" and dead.http_status is None
+        assert finished.outcome == Outcome.ALREADY_CLOSED
         assert simulator.close_requests_for(number) == 2
-    for number in crash.written_ahead:  # its first request never left: the next run's is its only one
-        dead, finished = CloseAttempt.objects.filter(out_trade_no=number).order_by("started_at")
-        assert not dead.is_finished and finished.outcome == Outcome.CLOSED
     for order in crash.orders:
         if order.out_trade_no not in crash.in_flight:
             assert simulator.close_requests_for(order.out_trade_no) == 1
-    # The crash's rows stay unfinished for ever: the audit does not pretend to know their answers.
-    assert set(CloseAttempt.objects.unfinished().values_list("out_trade_no", flat=True)) == set(
-        crash.in_flight | crash.written_ahead)
-    assert len(simulator.requests) == ORDERS + len(crash.in_flight)
-    assert CloseAttempt.objects.count() == len(simulator.requests) + ROWS_AHEAD
-    assert not Order.objects.filter(claim_token__isnull=False).exists()
+    assert not CloseAttempt.objects.unfinished().exists()
+    assert len(simulator.requests) == ORDERS + len(crash.in_flight) == CloseAttempt.objects.count()
+    assert not Order.objects.filter(claim_expires_at__isnull=False).exists()
     reliability_figures(
-        orders=ORDERS, killed_with_requests_in_flight=len(crash.in_flight), claims_held_by_dead_process=len(crash.claimed),
-        rows_written_ahead=len(crash.written_ahead), unfinished_audit_rows=CloseAttempt.objects.unfinished().count(),
+        orders=ORDERS, workers=WORKERS, killed_with_requests_in_flight=len(crash.in_flight),
+        claims_held_by_dead_process=len(crash.claimed),
+        rows_settled_as_abandoned=CloseAttempt.objects.filter(reason=ABANDONED).count(),
         orders_lost=Order.objects.exclude(state=OrderState.CLOSED).count(),
         orders_double_closed=sum(1 for r in simulator.requests if r.closed) - ORDERS,
     )

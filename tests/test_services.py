@@ -1,4 +1,4 @@
-"""The close service against the loopback simulator and a real database: PROTOCOL.md's outcome table."""
+"""The close service against the loopback simulator and a real database: docs/protocol.md#outcomes, applied."""
 
 from __future__ import annotations
 
@@ -14,15 +14,11 @@ from django.utils import timezone
 
 from django_wxpay_close import signals
 from django_wxpay_close.conf import load_settings
-from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
-from django_wxpay_close.pipeline import Sending
+from django_wxpay_close.models import AuditTrailError, CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import (
-    CLAIM_LAPSING,
     MERCHANT_HALTED,
-    RUN_INTERRUPTED,
     CloseAction,
     InvalidTransition,
-    _CloseRun,
     close_order,
     close_orders,
     create_order,
@@ -68,7 +64,7 @@ def test_an_expired_open_order_is_closed_and_audited(make_order, simulator):
     assert attempt.http_status == 200 and attempt.return_code == "SUCCESS" and attempt.result_code == "SUCCESS"
     assert f"<out_trade_no>{order.out_trade_no}</out_trade_no>" in attempt.request_xml
     assert "<return_code>" in attempt.response_body and attempt.url.startswith(simulator.base_url)
-    assert order.attempt_count == 1 and order.claim_token is None
+    assert order.attempt_count == 1 and order.claim_expires_at is None
 
 
 def test_an_order_already_closed_at_wechat_becomes_closed(make_order):
@@ -167,13 +163,15 @@ def test_a_refused_primary_region_fails_over_to_the_secondary_in_the_same_attemp
     assert attempt.url.startswith(simulator.base_url) and attempt.failed_over_from.startswith("http://127.0.0.1:9")
 
 
-def test_a_wrong_api_key_is_a_configuration_error_that_changes_nothing(make_order, wxpay_settings):
+def test_a_wrong_api_key_is_a_configuration_error_that_changes_no_state_and_backs_the_order_off(make_order,
+                                                                                                wxpay_settings):
     wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
     order = make_order()
     result = close_order(order)
     order.refresh_from_db()
     assert result.action is CloseAction.CONFIGURATION_ERROR
-    assert order.state == OrderState.OPEN and not order.on_hold and order.retry_count == 0
+    assert order.state == OrderState.OPEN and not order.on_hold
+    assert order.retry_count == 1 and order.next_attempt_at is not None
 
 
 def test_an_order_younger_than_the_minimum_age_is_skipped_without_sending(make_order, simulator):
@@ -238,12 +236,14 @@ def test_audit_rows_can_be_neither_edited_nor_deleted_and_protect_their_order(ma
     close_order(order)
     attempt = CloseAttempt.objects.get()
     attempt.reason = "rewritten"
-    with pytest.raises(PermissionError):
+    with pytest.raises(AuditTrailError):
         attempt.save()
-    with pytest.raises(PermissionError):
+    with pytest.raises(AuditTrailError):
         attempt.delete()
-    with pytest.raises(PermissionError):
+    with pytest.raises(AuditTrailError):
         CloseAttempt.objects.all().delete()
+    with pytest.raises(AuditTrailError):
+        CloseAttempt.objects.all().update(reason="rewritten")
     with pytest.raises(ProtectedError):
         order.delete()
     assert not attempt.complete(reason="second answer")
@@ -310,82 +310,49 @@ def test_a_dry_run_lists_due_orders_and_sends_nothing(make_order, simulator):
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
 
 
-def test_a_configuration_error_halts_only_that_merchant_for_the_run(make_order, wxpay_settings, simulator):
+def test_two_configuration_errors_in_a_row_halt_only_that_merchant_for_the_run(make_order, wxpay_settings, simulator):
     wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4
     good = [make_order() for _ in range(3)]
-    bad = [make_order(merchant="other") for _ in range(3)]
+    bad = [make_order(merchant="other") for _ in range(4)]
 
     report = sweep_expired_orders(workers=1)
 
     assert report.by_merchant[("default", CloseAction.CLOSED)] == 3
-    assert report.by_merchant[("other", CloseAction.CONFIGURATION_ERROR)] == 1
-    assert sum(1 for r in simulator.requests if r.mch_id == bad[0].mch_id) == 1
+    assert report.by_merchant[("other", CloseAction.CONFIGURATION_ERROR)] == 2
+    assert sum(1 for r in simulator.requests if r.mch_id == bad[0].mch_id) == 2
     assert "other" in report.halted_merchants and report.has_alarms
     assert all(o.state == OrderState.OPEN for o in Order.objects.filter(merchant="other"))
     assert all(Order.objects.get(pk=o.pk).state == OrderState.CLOSED for o in good)
 
 
-def test_a_row_written_ahead_for_a_merchant_halted_meanwhile_is_completed_as_not_sent(make_order, wxpay_settings,
-                                                                                     simulator):
-    wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4
-    orders = [make_order(merchant="other") for _ in range(3)]
-    simulator.latency = 0.3  # the second row is written ahead while the first request waits for its answer
+def test_an_order_that_hit_a_configuration_error_is_backed_off_like_a_retry(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.RETURN_FAIL, out_trade_no=order.out_trade_no)
+    assert sweep_expired_orders().by_action == {CloseAction.CONFIGURATION_ERROR: 1}
+    order.refresh_from_db()
+    assert order.retry_count == 1 and order.next_attempt_at is not None and not order.on_hold
+
+
+def test_one_poison_order_does_not_halt_its_merchant(make_order, simulator):
+    poison = make_order(expired_for=timedelta(hours=2))  # the most overdue: tried first
+    others = [make_order() for _ in range(3)]
+    simulator.inject(Fault.RETURN_FAIL, out_trade_no=poison.out_trade_no)
 
     report = sweep_expired_orders(workers=1)
 
-    [request] = simulator.requests
-    [answered] = CloseAttempt.objects.exclude(outcome="")
-    [withdrawn] = CloseAttempt.objects.filter(outcome="")
-    assert answered.out_trade_no == request.out_trade_no and answered.outcome == Outcome.CONFIGURATION_ERROR
-    assert withdrawn.was_withdrawn and withdrawn.reason == f"not sent: {MERCHANT_HALTED}"
-    assert withdrawn.http_status is None and withdrawn.response_body == ""
-    assert report.by_action == {CloseAction.CONFIGURATION_ERROR: 1, CloseAction.SKIPPED: 2}
-    for order in orders:
-        order.refresh_from_db()
-        assert order.state == OrderState.OPEN and order.claim_token is None
+    assert report.by_action == {CloseAction.CONFIGURATION_ERROR: 1, CloseAction.CLOSED: 3}
+    assert report.halted_merchants == {}
+    assert all(Order.objects.get(pk=o.pk).state == OrderState.CLOSED for o in others)
 
 
-def rows_overlap_an_exchange_before_them() -> bool:
-    """Whether some audit row was written while the one before it still waited for its answer."""
-    attempts = list(CloseAttempt.objects.order_by("started_at", "pk"))
-    return any(later.started_at < earlier.completed_at for earlier, later in zip(attempts, attempts[1:]))
-
-
-def test_rows_are_written_ahead_of_a_free_request_slot(make_order, simulator):
-    for _ in range(3):
-        make_order()
-    simulator.latency = 0.3
-
-    sweep_expired_orders(workers=1)
-
-    assert rows_overlap_an_exchange_before_them()
-    assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 3
-
-
-def test_with_a_claim_timeout_too_short_to_cover_a_wait_for_a_slot_no_row_is_written_ahead(make_order, simulator,
-                                                                                          wxpay_settings):
-    # Longest exchange 2 s (CONNECT_TIMEOUT + READ_TIMEOUT): a row written ahead needs a claim of 2 × 2 + 5 s.
-    wxpay_settings["CLAIM_TIMEOUT"] = timedelta(seconds=5)
-    for _ in range(3):
-        make_order()
-    simulator.latency = 0.3
-
-    sweep_expired_orders(workers=1)
-
-    assert not rows_overlap_an_exchange_before_them()
-    assert CloseAttempt.objects.filter(outcome=Outcome.CLOSED).count() == 3
-
-
-def test_a_request_whose_claim_would_lapse_before_its_answer_is_called_off(make_order, wxpay_settings):
-    run = _CloseRun(load_settings(), trigger=Trigger.COMMAND)
-    lapsing, safe = make_order(), make_order()
-    lapsing.claim_expires_at = timezone.now() + timedelta(seconds=1)  # the longest exchange is 2 s
-    safe.claim_expires_at = timezone.now() + timedelta(seconds=30)
-
-    withdrawn = run.withdraw(Sending(lapsing, None, None, None), False)  # type: ignore[arg-type]
-
-    assert withdrawn is not None and withdrawn.reason == CLAIM_LAPSING
-    assert run.withdraw(Sending(safe, None, None, None), False) is None  # type: ignore[arg-type]
+def test_an_order_of_a_halted_merchant_chosen_by_hand_is_skipped_and_released(make_order, wxpay_settings, simulator):
+    wxpay_settings["MERCHANTS"]["other"]["API_KEY"] = "WRONGKEY" * 4
+    orders = [make_order(merchant="other") for _ in range(3)]
+    report = close_orders(Order.objects.filter(pk__in=[o.pk for o in orders]).order_by("pk"), workers=1)
+    assert report.by_action == {CloseAction.CONFIGURATION_ERROR: 2, CloseAction.SKIPPED: 1}
+    assert report.by_reason[(CloseAction.SKIPPED, MERCHANT_HALTED.split(":", 1)[0])] == 1
+    assert len(simulator.requests) == 2
+    assert Order.objects.get(pk=orders[2].pk).claim_expires_at is None
 
 
 def test_the_sweep_sends_each_order_exactly_once_with_many_workers(make_order, simulator):
@@ -445,60 +412,27 @@ def test_a_payment_cannot_be_recorded_for_a_closed_order(make_order):
         record_payment(order=order)
 
 
-def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close(make_order, monkeypatch):
-    from django_wxpay_close import services
-
+def test_an_unexpected_error_in_one_order_is_reported_and_the_others_still_close(make_order, simulator,
+                                                                                 database_fault):
     orders = [make_order() for _ in range(4)]
     broken = orders[1].out_trade_no
-    original = services._CloseRun._check_and_sign
-
-    def check_and_sign(run: Any, order: Order) -> Any:
-        if order.out_trade_no == broken:
-            raise TypeError("a bug in our code")
-        return original(run, order)
-
-    monkeypatch.setattr(services._CloseRun, "_check_and_sign", check_and_sign)
+    database_fault("closeattempt", "INSERT", out_trade_no=broken)
     report = sweep_expired_orders(workers=2)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1} and report.has_alarms
+    assert simulator.close_requests_for(broken) == 0
+    assert Order.objects.get(out_trade_no=broken).state == OrderState.OPEN
 
 
-def test_a_failure_writing_one_answer_is_reported_for_it_and_the_other_answers_are_written(make_order, monkeypatch):
-    from django_wxpay_close import services
-
+def test_a_failure_writing_one_answer_is_reported_for_it_and_the_other_answers_are_written(make_order,
+                                                                                           database_fault):
     orders = [make_order() for _ in range(4)]
     broken = orders[2].out_trade_no
-    original = services._CloseRun.record
-
-    def record(run: Any, answered: Any) -> Any:
-        if answered.order.out_trade_no == broken:
-            raise RuntimeError("the database went away")
-        return original(run, answered)
-
-    monkeypatch.setattr(services._CloseRun, "record", record)
+    database_fault("closeattempt", "UPDATE", out_trade_no=broken)
     report = sweep_expired_orders(workers=3)
     assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1}
     states = dict(Order.objects.values_list("out_trade_no", "state"))
     assert states.pop(broken) == OrderState.OPEN and set(states.values()) == {OrderState.CLOSED}
     assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
-
-
-def test_a_failure_reading_one_answer_is_reported_for_it_and_the_other_answers_are_written(make_order, monkeypatch):
-    from django_wxpay_close import services
-
-    orders = [make_order() for _ in range(4)]
-    broken = orders[1].out_trade_no
-    original = services._CloseRun.answered
-
-    def answered(run: Any, sending: Any, result: Any) -> Any:
-        if sending.order.out_trade_no == broken:
-            raise ValueError("a bug deciding what the answer means")
-        return original(run, sending, result)
-
-    monkeypatch.setattr(services._CloseRun, "answered", answered)
-    report = sweep_expired_orders(workers=4)
-    assert report.by_action == {CloseAction.CLOSED: 3, CloseAction.FAILED: 1}
-    assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
-    assert CloseAttempt.objects.filter(completed_at__isnull=False).count() == 3
 
 
 def test_the_admin_action_keeps_as_many_requests_in_flight_as_it_has_workers(make_order, simulator):
@@ -510,51 +444,16 @@ def test_the_admin_action_keeps_as_many_requests_in_flight_as_it_has_workers(mak
     assert arrivals[-1] - arrivals[0] < 0.3, "a request waited for another's answer before it was sent"
 
 
-def test_when_the_audit_rows_cannot_be_written_nothing_is_sent_and_each_order_is_reported(make_order, simulator,
-                                                                                         monkeypatch):
+def test_when_the_audit_rows_cannot_be_written_nothing_is_sent_and_each_order_is_reported_once(
+    make_order, simulator, database_fault,
+):
     for _ in range(3):
         make_order()
-
-    def start_many(rows: Any) -> Any:
-        raise RuntimeError("the database went away")
-
-    monkeypatch.setattr(CloseAttempt, "start_many", start_many)
+    database_fault("closeattempt", "INSERT")
     report = sweep_expired_orders(workers=4)
     assert report.by_action == {CloseAction.FAILED: 3} and report.has_alarms
     assert simulator.requests == [] and CloseAttempt.objects.count() == 0
     assert set(Order.objects.values_list("state", flat=True)) == {OrderState.OPEN}
-
-
-def test_an_interrupted_sweep_sends_nothing_more_and_records_what_was_in_flight(make_order, simulator, monkeypatch):
-    from django_wxpay_close import services
-
-    for _ in range(30):
-        make_order()
-    simulator.latency = 0.3
-    claims = []
-    original = services._CloseRun.claim_due_batch
-
-    def claim_due_batch(run: Any, **kwargs: Any) -> Any:
-        claims.append(kwargs)
-        if len(claims) > 1:  # Ctrl-C once requests are in flight and most of the first batch waits
-            deadline = time.monotonic() + 10
-            while not simulator.requests and time.monotonic() < deadline:
-                time.sleep(0.01)
-            raise KeyboardInterrupt
-        return original(run, **kwargs)
-
-    monkeypatch.setattr(services._CloseRun, "claim_due_batch", claim_due_batch)
-    with pytest.raises(KeyboardInterrupt):
-        sweep_expired_orders(workers=2, batch_size=30)
-    sent = len(simulator.requests)
-    # The two in flight, not the other 28: the row written ahead of a free slot is completed as not sent.
-    assert 1 <= sent <= 2, f"{sent} requests went out"
-    assert not CloseAttempt.objects.unfinished().exists()
-    assert CloseAttempt.objects.exclude(outcome="").count() == sent
-    withdrawn = [a for a in CloseAttempt.objects.all() if a.was_withdrawn]
-    assert len(withdrawn) <= 1 and all(a.reason == f"not sent: {RUN_INTERRUPTED}" for a in withdrawn)
-    assert Order.objects.filter(state=OrderState.CLOSED).count() == sent
-    assert not Order.objects.filter(pk__in=[a.order_id for a in withdrawn], claim_token__isnull=False).exists()
 
 
 def test_a_failing_observer_loses_its_reports_but_not_the_closes(make_order, simulator, caplog):
@@ -605,5 +504,5 @@ def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(ma
     order = make_order()
     simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
     assert close_order(order).action is CloseAction.RETRY_SCHEDULED
-    assert order.claim_token is None and order.retry_count == 1
+    assert order.claim_expires_at is None and order.retry_count == 1
     assert close_order(order).action is CloseAction.CLOSED

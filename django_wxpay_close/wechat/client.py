@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -97,7 +97,7 @@ class PreparedClose:
 
 @dataclass(frozen=True)
 class CloseResult:
-    """Everything one closeorder exchange produced; `outcome` is what it means (PROTOCOL.md)."""
+    """Everything one closeorder exchange produced; `outcome` is what it means (docs/protocol.md#outcomes)."""
 
     out_trade_no: str
     outcome: Outcome
@@ -148,20 +148,6 @@ class TransportFailure:
     reason: str
     never_connected: bool = False
     outcome: Outcome = Outcome.NETWORK_ERROR
-
-
-def body_too_large(max_response_bytes: int) -> TransportFailure:
-    return TransportFailure(
-        f"response body exceeds the {max_response_bytes}-byte limit", outcome=Outcome.INVALID_RESPONSE
-    )
-
-
-def deadline_passed(read_timeout: float) -> str:
-    return f"response not complete within the {read_timeout:g}s read timeout plus connect time"
-
-
-# The URLs to try for one request, and the answer or failure each brought: see CloseOrderClient.exchange.
-Exchange = Generator[str, "Answer | TransportFailure", "CloseResult"]
 
 
 class BodyTooLarge(Exception):
@@ -301,24 +287,12 @@ class CloseOrderClient:
         return self.send(self.prepare(out_trade_no, **overrides))
 
     def send(self, prepared: PreparedClose) -> CloseResult:
-        exchange = self.exchange(prepared)
-        url = next(exchange)
-        while True:
-            try:
-                url = exchange.send(self._attempt(url, prepared.body))
-            except StopIteration as done:
-                return done.value
-
-    def exchange(self, prepared: PreparedClose) -> Exchange:
-        """Which URL to post to next, given what the last one brought; returns the request's result.
-
-        The I/O is the caller's, so the blocking `send` and the sweep's concurrent sender fail over, time
-        and interpret alike: a later URL is tried only when an earlier one was never connected to.
-        """
+        """Post the request and interpret the answer; a later URL is tried only when an earlier one was never
+        connected to (a WeChat answer, or a request that may have arrived, is never sent elsewhere)."""
         started = time.perf_counter()
         failed_over_from: str | None = None
         for index, url in enumerate(self.urls):
-            reply = yield url
+            reply = self._attempt(url, prepared.body)
             if isinstance(reply, Answer):
                 return self._interpret(prepared, url, started, failed_over_from, reply)
             if reply.never_connected and index + 1 < len(self.urls):
@@ -327,17 +301,14 @@ class CloseOrderClient:
             return self._result(prepared, url, started, failed_over_from, reply.outcome, reply.reason)
         raise AssertionError("unreachable: the last URL always returns")
 
-    def send_options(self, url: str) -> Mapping[str, Any]:
-        """The proxies, TLS verification and client certificate resolved for `url` from the environment."""
-        return self._send_options[url]
-
     def _attempt(self, url: str, body: bytes) -> Answer | TransportFailure:
         try:
             return self._post(url, body)
         except requests.RequestException as exc:
             return TransportFailure(_describe(exc), never_connected=_never_connected(exc))
         except BodyTooLarge:
-            return body_too_large(self.max_response_bytes)
+            return TransportFailure(f"response body exceeds the {self.max_response_bytes}-byte limit",
+                                    outcome=Outcome.INVALID_RESPONSE)
         except TimeoutError as exc:
             return TransportFailure(str(exc))
 
@@ -419,7 +390,7 @@ def _read_some(response: requests.Response, remaining: float, read_timeout: floa
     requests' own, as iter_content would.
     """
     if remaining <= 0:
-        raise TimeoutError(deadline_passed(read_timeout))
+        raise TimeoutError(f"response not complete within the {read_timeout:g}s read timeout plus connect time")
     sock = getattr(getattr(response.raw, "connection", None), "sock", None)
     if sock is not None:
         sock.settimeout(min(read_timeout, remaining))
@@ -444,12 +415,8 @@ def _describe(exc: requests.RequestException) -> str:
         (requests.exceptions.SSLError, "TLS error"),
         (requests.ConnectionError, "connection error"),
     ]
-    return described(next((label for cls, label in kinds if isinstance(exc, cls)), type(exc).__name__), exc)
-
-
-def described(kind: str, exc: BaseException) -> str:
-    """`kind` and the start of the error's own text, which names hosts and reasons but never the request body."""
-    detail = str(exc)
+    kind = next((label for cls, label in kinds if isinstance(exc, cls)), type(exc).__name__)
+    detail = str(exc)  # names hosts and reasons, never the request body
     return f"{kind}: {detail[:300]}" if detail else kind
 
 

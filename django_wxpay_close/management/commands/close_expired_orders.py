@@ -1,18 +1,49 @@
-"""`manage.py close_expired_orders`: the cron job. Parses flags, calls the sweep service, reports."""
+"""`manage.py close_expired_orders`: the cron job. Parses flags, calls the sweep service, reports.
+
+Exit statuses (when several apply, the first in this list wins):
+  5  the database became unavailable mid-run (every answer it could not write is logged at ERROR)
+  3  a configuration error: WXPAY_CLOSE is unusable, or WeChat refused a merchant's key or sign type
+  1  an unexpected failure (a bug, logged with its traceback), or an answer that came after another
+     sweeper had taken its order over
+  4  orders were put on hold: a person must look (admin filter "needs attention")
+  6  WeChat looked unreachable: most requests failed in transport, so the run stopped early
+  2  bad command-line arguments
+  0  otherwise (orders whose close will be retried are not a problem)
+`--no-fail-on-error` makes 1, 3, 4 and 6 exit 0; 5 and 2 always fail.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_wxpay_close.services import CloseAction, CloseReport, OrderCloseResult, sweep_expired_orders
+from django_wxpay_close.conf import MAX_WORKERS
+from django_wxpay_close.selectors import orders_waiting_for_retry
+from django_wxpay_close.services import (
+    CloseAction,
+    CloseReport,
+    DatabaseUnavailable,
+    OrderCloseResult,
+    sweep_expired_orders,
+)
+
+EXIT_FAILED = 1
+EXIT_CONFIGURATION = 3
+EXIT_ATTENTION = 4
+EXIT_DATABASE = 5
+EXIT_UNREACHABLE = 6
+MAX_PROCESSES = 32
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -32,58 +63,122 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bounded(maximum: int) -> Any:
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return value
+
+    parse.__name__ = f"a whole number from 1 to {maximum}"  # what argparse names in its error
+    return parse
+
+
 class Command(BaseCommand):
     help = (
         "Close open WeChat Pay orders whose payment window has passed. Safe to run from several hosts "
-        "at once. Exits non-zero on a configuration error, an order needing attention or an unexpected failure."
+        "at once. Exit status: 0 fine, 1 unexpected failure, 3 configuration error, 4 orders need a person, "
+        "5 database unavailable, 6 WeChat unreachable."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--dry-run", action="store_true", help="List the orders that are due; send nothing.")
         parser.add_argument("--limit", type=_positive_int, help="Close at most this many orders in this run.")
-        parser.add_argument("--batch-size", type=_positive_int, help="Orders claimed per database round trip.")
-        parser.add_argument("--workers", type=_positive_int, help="Concurrent requests to WeChat.")
+        parser.add_argument("--batch-size", type=_positive_int, help="Orders a dry run reads per query.")
+        parser.add_argument("--workers", type=_bounded(MAX_WORKERS),
+                            help=f"Worker threads, each closing one order at a time (1 to {MAX_WORKERS}).")
+        parser.add_argument("--processes", type=_bounded(MAX_PROCESSES), default=1,
+                            help=f"Sweeper processes sharing the backlog, each with --workers threads (1 to {MAX_PROCESSES}).")
         parser.add_argument("--merchant", action="append", dest="merchants", metavar="NAME",
                             help="Only this merchant (a key of WXPAY_CLOSE['MERCHANTS']); repeatable.")
         parser.add_argument("--older-than", type=parse_duration, metavar="DURATION",
                             help="Only orders whose deadline passed at least this long ago (90s, 30m, 2h, 1d).")
         parser.add_argument("--json", action="store_true", help="Print the summary as JSON (nothing else on stdout).")
         parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                            help="auto: a bar on a terminal, periodic lines otherwise.")
+                            help="auto: a bar on a terminal (needs tqdm), periodic lines otherwise.")
         parser.add_argument("--no-fail-on-error", dest="fail_on_error", action="store_false",
-                            help="Exit 0 even when something needs attention.")
+                            help="Exit 0 even when something needs attention (not when the database is unavailable).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        progress = _Progress(self, mode="none" if options["json"] else options["progress"])
-        try:
-            report = sweep_expired_orders(
-                merchants=options["merchants"], older_than=options["older_than"], limit=options["limit"],
-                batch_size=options["batch_size"], workers=options["workers"], dry_run=options["dry_run"],
-                on_result=progress.update,
-            )
-        except ImproperlyConfigured as exc:
-            raise CommandError(str(exc)) from exc
-        finally:
-            progress.close()
-        if options["json"]:
-            self.stdout.write(json.dumps(_summary(report, dry_run=options["dry_run"]), indent=2))
+        verbosity = options["verbosity"]
+        quiet = options["json"] or verbosity == 0
+        if options["processes"] > 1 and not options["dry_run"]:
+            summary = self._run_processes(options)
         else:
-            self._print_table(report, dry_run=options["dry_run"])
-        if report.has_alarms and options["fail_on_error"]:
-            problems = ", ".join(
-                a.counted(report.by_action[a]) for a in CloseAction if a.is_alarm and report.by_action[a]
-            )
-            raise CommandError(f"close_expired_orders finished with problems: {problems}")
+            progress = _Progress(self, mode="none" if quiet else options["progress"],
+                                 each=verbosity >= 2 or (options["dry_run"] and not quiet))
+            try:
+                report = sweep_expired_orders(
+                    merchants=options["merchants"], older_than=options["older_than"], limit=options["limit"],
+                    batch_size=options["batch_size"], workers=options["workers"], dry_run=options["dry_run"],
+                    on_result=progress.update,
+                )
+                summary = summarise(report, dry_run=options["dry_run"])
+            except ImproperlyConfigured as exc:
+                raise CommandError(str(exc), returncode=EXIT_CONFIGURATION) from exc
+            except DatabaseUnavailable as exc:
+                summary = summarise(exc.report or CloseReport().finish(), dry_run=False, database_error=str(exc))
+            finally:
+                progress.close()
+        if options["json"]:
+            self.stdout.write(json.dumps(summary, indent=2))
+        elif verbosity >= 1:
+            self._print_table(summary)
+        status = summary["exit_status"]
+        if status == EXIT_DATABASE:
+            raise CommandError(f"close_expired_orders stopped: {summary['database_error']}", returncode=status)
+        if status and options["fail_on_error"]:
+            raise CommandError(f"close_expired_orders finished with problems: {summary['problems']}", returncode=status)
 
-    def _print_table(self, report: CloseReport, *, dry_run: bool) -> None:
-        if dry_run:
-            self.stdout.write(f"Dry run: {report.total} orders are due for closing; nothing was sent.")
+    def _run_processes(self, options: dict[str, Any]) -> dict[str, Any]:
+        """N copies of this command (`--processes 1 --json`), sharing the backlog through the claim protocol."""
+        count = options["processes"]
+        forwarded = ["--processes", "1", "--json", "--verbosity", "0"]
+        if options["workers"]:
+            forwarded += ["--workers", str(options["workers"])]
+        for merchant in options["merchants"] or []:
+            forwarded += ["--merchant", merchant]
+        if options["older_than"] is not None:
+            forwarded += ["--older-than", f"{options['older_than'].total_seconds()}s"]
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+               "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        children = []
+        for index in range(count):
+            share = None if options["limit"] is None else options["limit"] // count + (index < options["limit"] % count)
+            if share == 0:
+                continue
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "django", "close_expired_orders", *forwarded,
+                 *([] if share is None else ["--limit", str(share)])],
+                env=env, stdout=subprocess.PIPE, text=True))  # stderr (logs, errors) passes through
+        summaries = []
+        for child in children:
+            out, _ = child.communicate()
+            try:
+                summaries.append(json.loads(out))
+            except ValueError:
+                summaries.append({"exit_status": child.returncode or EXIT_FAILED,
+                                  "problems": f"a sweeper process exited with status {child.returncode}"})
+        return merge_summaries(summaries)
+
+    def _print_table(self, summary: dict[str, Any]) -> None:
+        if summary["dry_run"]:
+            self.stdout.write(f"Dry run: {summary['total']} orders are due for closing; nothing was sent.")
             return
-        merchants = sorted({merchant for merchant, _ in report.by_merchant})
-        actions = [action for action in CloseAction if report.by_action[action]]
-        elapsed = ((report.finished_at or report.started_at) - report.started_at).total_seconds()
-        self.stdout.write(f"Swept {report.total} orders in {elapsed:.1f}s: {report.sentence()}")
+        by_merchant: dict[str, dict[str, int]] = summary["by_merchant"]
+        merchants = sorted(by_merchant)
+        actions = [action for action in CloseAction if summary["by_action"].get(action.value)]
+        processes = f" by {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
+        self.stdout.write(f"Swept {summary['total']} orders in {summary['seconds']:.1f}s{processes}: {summary['sentence']}")
+        if summary.get("database_error"):
+            self.stderr.write(self.style.ERROR(f"Stopped: {summary['database_error']}"))
+        if summary["stopped_early"]:
+            self.stderr.write(self.style.ERROR(f"Stopped early: {summary['stopped_early']}"))
         if not actions:
+            waiting = orders_waiting_for_retry()
+            if waiting["count"]:
+                self.stdout.write(f"{waiting['count']} overdue orders wait for a retry; the next is due at "
+                                  f"{waiting['next_at']:%Y-%m-%d %H:%M:%S %Z}.")
             return
         # One row per outcome, one column per merchant, totals last: readable in a terminal and in a cron mail.
         first = max(len("outcome"), *(len(a.value) for a in actions))
@@ -94,66 +189,139 @@ class Command(BaseCommand):
 
         self.stdout.write(self.style.MIGRATE_HEADING(cells("outcome", merchants, "total")))
         for action in actions:
-            line = cells(action.value, [report.by_merchant[(m, action)] for m in merchants], report.by_action[action])
+            line = cells(action.value, [by_merchant[m].get(action.value, 0) for m in merchants],
+                         summary["by_action"][action.value])
             self.stdout.write(self.style.ERROR(line) if action.is_alarm else line)
-        totals = [sum(report.by_merchant[(m, a)] for a in actions) for m in merchants]
-        self.stdout.write(cells("total", totals, report.total))
-        reasons = [(a, r, n) for (a, r), n in report.by_reason.most_common() if r and a is not CloseAction.CLOSED]
+        totals = [sum(by_merchant[m].values()) for m in merchants]
+        self.stdout.write(cells("total", totals, summary["total"]))
+        reasons = [r for r in summary["reasons"] if r["reason"] and r["action"] != CloseAction.CLOSED.value]
         if reasons:
             self.stdout.write("Not closed, and why:")
-            for action, reason, count in reasons:
-                self.stdout.write(f"  {count:>6}  {action.value:<{first}}  {reason}")
-        for merchant, reason in sorted(report.halted_merchants.items()):
+            for row in reasons:
+                self.stdout.write(f"  {row['count']:>6}  {row['action']:<{first}}  {row['reason']}")
+        for merchant, reason in sorted(summary["halted_merchants"].items()):
             self.stderr.write(self.style.ERROR(f"Merchant {merchant!r} halted for this run: {reason}"))
 
 
-def _summary(report: CloseReport, *, dry_run: bool) -> dict[str, Any]:
-    return {
+def exit_status(by_action: dict[str, int], *, database_error: str, stopped_early: str) -> int:
+    """The command's exit status for a run's counts (see the module docstring)."""
+    if database_error:
+        return EXIT_DATABASE
+    if by_action.get(CloseAction.CONFIGURATION_ERROR.value):
+        return EXIT_CONFIGURATION
+    if by_action.get(CloseAction.FAILED.value) or by_action.get(CloseAction.CLAIM_LOST.value):
+        return EXIT_FAILED
+    if by_action.get(CloseAction.PUT_ON_HOLD.value):
+        return EXIT_ATTENTION
+    return EXIT_UNREACHABLE if stopped_early else 0
+
+
+def summarise(report: CloseReport, *, dry_run: bool, database_error: str = "") -> dict[str, Any]:
+    finished = report.finished_at or report.started_at
+    by_action = {action.value: count for action, count in report.by_action.items()}
+    return _completed({
         "dry_run": dry_run,
         "total": report.total,
         "started_at": report.started_at.isoformat(),
-        "finished_at": report.finished_at.isoformat() if report.finished_at else None,
-        "by_action": {action.value: count for action, count in report.by_action.items()},
+        "finished_at": finished.isoformat(),
+        "seconds": (finished - report.started_at).total_seconds(),
+        "by_action": by_action,
         "by_merchant": {
             merchant: {action.value: count for (m, action), count in report.by_merchant.items() if m == merchant}
             for merchant in sorted({m for m, _ in report.by_merchant})
         },
-        "reasons": [
-            {"action": action.value, "reason": reason, "count": count}
-            for (action, reason), count in report.by_reason.most_common()
-        ],
+        "reasons": [{"action": action.value, "reason": reason, "count": count}
+                    for (action, reason), count in report.by_reason.most_common()],
         "halted_merchants": report.halted_merchants,
-        "ok": not report.has_alarms,
+        "stopped_early": report.stopped_early,
+        "database_error": database_error,
+        "sentence": report.sentence(),
+    })
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for several sweeper processes' (a process that printed none counts as failed)."""
+    by_action: dict[str, int] = {}
+    by_merchant: dict[str, dict[str, int]] = {}
+    reasons: dict[tuple[str, str], int] = {}
+    for summary in summaries:
+        for action, count in summary.get("by_action", {}).items():
+            by_action[action] = by_action.get(action, 0) + count
+        for merchant, counts in summary.get("by_merchant", {}).items():
+            for action, count in counts.items():
+                by_merchant.setdefault(merchant, {})[action] = by_merchant.get(merchant, {}).get(action, 0) + count
+        for row in summary.get("reasons", []):
+            reasons[(row["action"], row["reason"])] = reasons.get((row["action"], row["reason"]), 0) + row["count"]
+    report = CloseReport()
+    for action, count in by_action.items():
+        report.by_action[CloseAction(action)] = count
+    started = [s["started_at"] for s in summaries if "started_at" in s] or [report.started_at.isoformat()]
+    finished = [s["finished_at"] for s in summaries if "finished_at" in s] or started
+    merged = {
+        "dry_run": False,
+        "total": sum(by_action.values()),
+        "started_at": min(started),
+        "finished_at": max(finished),
+        "seconds": (datetime.fromisoformat(max(finished)) - datetime.fromisoformat(min(started))).total_seconds(),
+        "by_action": by_action,
+        "by_merchant": dict(sorted(by_merchant.items())),
+        "reasons": [{"action": a, "reason": r, "count": n}
+                    for (a, r), n in sorted(reasons.items(), key=lambda item: -item[1])],
+        "halted_merchants": {m: r for s in summaries for m, r in s.get("halted_merchants", {}).items()},
+        "stopped_early": "; ".join(sorted({s["stopped_early"] for s in summaries if s.get("stopped_early")})),
+        "database_error": "; ".join(sorted({s["database_error"] for s in summaries if s.get("database_error")})),
+        "sentence": report.sentence(),
+        "processes": len(summaries),
     }
+    merged = _completed(merged)
+    failed_children = [s for s in summaries if "by_action" not in s]
+    if failed_children:
+        merged["exit_status"] = max(merged["exit_status"], EXIT_FAILED) if merged["exit_status"] != EXIT_DATABASE \
+            else EXIT_DATABASE
+        merged["problems"] = "; ".join(filter(None, [merged["problems"], *(s["problems"] for s in failed_children)]))
+    return merged
+
+
+def _completed(summary: dict[str, Any]) -> dict[str, Any]:
+    status = exit_status(summary["by_action"], database_error=summary["database_error"],
+                         stopped_early=summary["stopped_early"])
+    alarms = [CloseAction(a).counted(n) for a, n in summary["by_action"].items() if n and CloseAction(a).is_alarm]
+    problems = ", ".join(alarms + ([f"stopped early ({summary['stopped_early']})"] if summary["stopped_early"] else []))
+    return {**summary, "exit_status": status, "problems": problems, "ok": status == 0}
 
 
 class _Progress:
-    """A tqdm bar on a terminal; plain periodic lines otherwise (cron logs). Called from the pipeline's threads."""
+    """A tqdm bar on a terminal (if tqdm is installed); plain periodic lines otherwise (cron logs); with
+    `each`, one line per order. Called from the sweep's worker threads."""
 
     LOG_EVERY_SECONDS = 10.0
 
-    def __init__(self, command: BaseCommand, *, mode: str) -> None:
-        stream = command.stdout
-        if mode == "auto":
-            mode = "bar" if stream.isatty() else "log"
-        self.mode = mode
+    def __init__(self, command: BaseCommand, *, mode: str, each: bool = False) -> None:
+        if mode in ("auto", "bar"):
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            mode = "bar" if tqdm is not None and (mode == "bar" or command.stdout.isatty()) else "log"
+        self.mode = "none" if each else mode
+        self.each = each
         self.command = command
         self.done = 0
         self.closed = 0
         self.started = time.monotonic()
         self.last_line = self.started
         self.lock = threading.Lock()
-        self.bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit=" orders", desc="closing", file=stream._out, dynamic_ncols=True)
+        self.bar = tqdm(unit=" orders", desc="closing", file=_Unended(command.stdout),
+                        dynamic_ncols=True) if self.mode == "bar" else None
 
     def update(self, result: OrderCloseResult) -> None:
         with self.lock:
             self.done += 1
             self.closed += result.action in (CloseAction.CLOSED, CloseAction.ALREADY_CLOSED)
-            if self.bar is not None:
+            if self.each:
+                reason = f" ({result.reason})" if result.reason else ""
+                self.command.stdout.write(f"{result.out_trade_no}  {result.merchant}  {result.action.value}{reason}")
+            elif self.bar is not None:
                 self.bar.update(1)
             elif self.mode == "log" and time.monotonic() - self.last_line >= self.LOG_EVERY_SECONDS:
                 self.last_line = time.monotonic()
@@ -170,3 +338,16 @@ class _Progress:
         self.command.stdout.write(
             f"{stamp} progress: {self.done} orders handled, {self.closed} closed, {self.done / elapsed:.1f}/s"
         )
+
+
+class _Unended:
+    """The command's stdout for tqdm, which draws a bar with carriage returns: no newline added per write."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        self.stream.write(text, ending="")
+
+    def flush(self) -> None:
+        self.stream.flush()
