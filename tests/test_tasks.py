@@ -1,7 +1,9 @@
-"""The optional Celery tasks, run eagerly, and the Celery-beat schedule docs/operations.md recommends."""
+"""The optional tasks: Celery's, run eagerly, and Django's Tasks framework's, on its immediate backend; and the
+schedules docs/operations.md recommends for them (Celery beat, cron enqueueing the sweep)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -9,10 +11,13 @@ import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+from django.utils.module_loading import import_string
 
+from django_wxpay_close import tasks
 from django_wxpay_close.models import Order, OrderState
 from django_wxpay_close.tasks import SweepProblems, close_order_task, sweep_expired_orders_task
 from django_wxpay_close.testing import OrderState as RemoteState
@@ -101,14 +106,144 @@ def test_the_documented_beat_schedule_runs_the_sweep_every_minute(celery_app, ma
     assert Order.objects.get(pk=order.pk).state == OrderState.CLOSED
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter with the test settings (so modules can be made unimportable first)."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=OPERATIONS_DOC.parent.parent, timeout=60)
+
+
 def test_the_tasks_module_imports_without_celery():
-    code = (
+    done = run_python(
         "import sys; sys.modules['celery'] = None\n"
         "import django; django.setup()\n"
         "from django_wxpay_close import tasks\n"
         "print(tasks.close_order_task.__name__, hasattr(tasks.close_order_task, 'delay'))\n"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=OPERATIONS_DOC.parent.parent, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "close_order_task False"), done.stderr
+
+
+# -- Django's Tasks framework (django.tasks, or the django-tasks backport on Django 5.2) ---------------------------
+
+
+def installed_tasks_framework() -> ModuleType | None:
+    """The framework tasks.py builds on: Django's own (6.0+), else the backport, else none."""
+    for name in ("django.tasks", "django_tasks"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+@pytest.fixture
+def immediate_tasks(settings: Any) -> ModuleType:
+    """The framework with its immediate backend: `enqueue()` runs the task before it returns the result."""
+    framework = installed_tasks_framework()
+    if framework is None:
+        pytest.skip("needs Django's Tasks framework: Django 6.0+, or pip install django-wxpay-close[tasks]")
+    settings.TASKS = {"default": {"BACKEND": f"{framework.__name__}.backends.immediate.ImmediateBackend"}}
+    return framework
+
+
+def documented_cron_enqueue() -> str:
+    """The Python that the cron line between the tasks-enqueue markers of docs/operations.md runs."""
+    text = OPERATIONS_DOC.read_text(encoding="utf-8")
+    block = re.search(r"<!-- tasks-enqueue -->\s*```cron\n(.*?)```", text, re.DOTALL)
+    assert block, "docs/operations.md lost its cron example for the Tasks framework"
+    command = re.search(r'manage\.py shell --no-imports -c "(.*?)"', block[1])
+    assert command, "the cron example no longer enqueues with manage.py shell --no-imports -c"
+    return command[1]
+
+
+def test_the_framework_tasks_are_djangos_own_where_django_has_them():
+    builtin = pytest.importorskip("django.tasks", reason="django.tasks is new in Django 6.0")
+
+    assert isinstance(tasks.close_order_job, builtin.Task)
+    assert isinstance(tasks.sweep_expired_orders_job, builtin.Task)
+
+
+def test_a_worker_finds_each_framework_task_at_its_module_path(immediate_tasks):
+    jobs = [tasks.close_order_job, tasks.sweep_expired_orders_job]
+
+    assert [job.module_path for job in jobs] == ["django_wxpay_close.tasks.close_order_job",
+                                                 "django_wxpay_close.tasks.sweep_expired_orders_job"]
+    assert [import_string(job.module_path) for job in jobs] == jobs
+
+
+def test_enqueued_close_closes_one_order(immediate_tasks, make_order, simulator):
+    order = make_order()
+
+    result = tasks.close_order_job.enqueue(order.pk)
+
+    assert result.status == immediate_tasks.TaskResultStatus.SUCCESSFUL
+    assert result.return_value == {"order_id": order.pk, "out_trade_no": order.out_trade_no, "action": "closed",
+                                   "outcome": "closed", "reason": ""}
+    assert Order.objects.get(pk=order.pk).state == OrderState.CLOSED
+    assert simulator.order_state(order.out_trade_no, mch_id=order.mch_id,
+                                 sub_mch_id=order.sub_mch_id) == RemoteState.CLOSED
+
+
+def test_enqueued_sweep_closes_expired_orders_and_returns_the_summary(immediate_tasks, make_order, simulator):
+    expired, _ = make_order(), make_order(remote=RemoteState.PAID)
+
+    result = tasks.sweep_expired_orders_job.enqueue()
+
+    assert result.status == immediate_tasks.TaskResultStatus.SUCCESSFUL
+    assert result.return_value == {"total": 2, "summary": "1 closed, 1 was already paid (ORDERPAID)",
+                                   "by_action": {"closed": 1, "found_paid": 1}, "halted_merchants": {}, "ok": True}
+    assert simulator.order_state(expired.out_trade_no, mch_id=expired.mch_id,
+                                 sub_mch_id=expired.sub_mch_id) == RemoteState.CLOSED
+
+
+def test_enqueued_sweep_takes_its_arguments_as_json(immediate_tasks, make_order, simulator):
+    make_order(expired_for=timedelta(minutes=10))
+    old = make_order(expired_for=timedelta(hours=3))
+    make_order(merchant="other", expired_for=timedelta(hours=3))
+
+    result = tasks.sweep_expired_orders_job.enqueue(merchants=["default"], older_than=7200)
+
+    assert result.kwargs == {"merchants": ["default"], "older_than": 7200}
+    assert [request.out_trade_no for request in simulator.requests] == [old.out_trade_no]
+
+
+def test_enqueued_sweep_with_problems_fails_like_the_celery_task(immediate_tasks, make_order, wxpay_settings):
+    make_order()
+    wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
+
+    result = tasks.sweep_expired_orders_job.enqueue()
+
+    assert result.status == immediate_tasks.TaskResultStatus.FAILED
+    [error] = result.errors
+    assert error.exception_class is SweepProblems
+    assert "hit a configuration error" in error.traceback
+
+
+def test_enqueued_sweep_with_problems_succeeds_with_fail_on_error_false(immediate_tasks, make_order, wxpay_settings):
+    make_order()
+    wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
+
+    result = tasks.sweep_expired_orders_job.enqueue(fail_on_error=False)
+
+    assert result.status == immediate_tasks.TaskResultStatus.SUCCESSFUL
+    assert result.return_value["ok"] is False
+    assert "hit a configuration error" in result.return_value["summary"]
+
+
+def test_the_documented_cron_line_enqueues_the_sweep(immediate_tasks, make_order):
+    order = make_order()
+
+    exec(documented_cron_enqueue(), {})  # noqa: S102 - our own documentation
+
+    assert Order.objects.get(pk=order.pk).state == OrderState.CLOSED
+
+
+def test_the_tasks_module_imports_without_a_tasks_framework():
+    done = run_python(
+        "import sys; sys.modules['django.tasks'] = sys.modules['django_tasks'] = None\n"
+        "import django; django.setup()\n"
+        "from django_wxpay_close import tasks\n"
+        "print(*tasks.__all__)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SweepProblems", "close_order_task", "sweep_expired_orders_task"]
