@@ -23,9 +23,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
 
 from .conf import CloseSettings, load_settings
-from .models import CloseAttempt, Order, OrderState, Trigger
+from .models import CloseAttempt, Order, OrderState, PaymentNotification, Trigger
 from .selectors import orders_needing_attention, why_not_closable
 from .services import CloseAction, close_orders, lift_hold
 from .wechat import Outcome
@@ -199,6 +200,35 @@ class CloseAttemptInline(admin.TabularInline):
         return False
 
 
+class PaymentNotificationInline(admin.TabularInline):
+    """The order's payment notifications, read-only; the raw body is on each notification's own page."""
+
+    model = PaymentNotification
+    verbose_name = _("payment notification")
+    verbose_name_plural = _("Payment notifications (newest first)")
+    readonly_fields = ("received", "verdict", "signature_verified", "transaction_id", "total_fee", "fee_type", "detail")
+    fields = readonly_fields
+    ordering = ["-received_at", "-id"]
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+
+    @admin.display(description=_("received"))
+    def received(self, notification: PaymentNotification) -> str:
+        link = reverse("admin:django_wxpay_close_paymentnotification_change", args=[notification.pk])
+        return format_html('<a href="{}">{}</a>', link, _when(notification.received_at))
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 def outcome_badge(attempt: CloseAttempt) -> str:
     if attempt.has_no_answer:  # abandoned by a process that stopped, or never sent: `reason` says which
         return format_html('<strong style="color:{}">{}</strong>', "#616161", "no answer")
@@ -231,7 +261,7 @@ class OrderAdmin(admin.ModelAdmin):
     search_fields = ["=out_trade_no"]
     date_hierarchy = "created_at"
     actions = ["close_selected_orders", "lift_hold"]
-    inlines = [CloseAttemptInline]
+    inlines = [CloseAttemptInline, PaymentNotificationInline]
     fieldsets = [
         ("Why it is in this state", {"fields": ["story"]}),
         ("Order", {"fields": [("out_trade_no", "merchant"), ("appid", "mch_id", "sub_mch_id", "sub_appid"),
@@ -369,6 +399,34 @@ class CloseAttemptAdmin(admin.ModelAdmin):
     @admin.display(description="response body")
     def response(self, attempt: CloseAttempt) -> str:
         return format_html("<pre>{}</pre>", pretty_xml(attempt.response_body)) if attempt.response_body else "—"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(PaymentNotification)
+class PaymentNotificationAdmin(admin.ModelAdmin):
+    """Every payment notification received, believed or not; nobody can add, edit or delete a row."""
+
+    list_display = ["received_at", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
+                    "total_fee", "fee_type", "transaction_id"]
+    list_filter = ["verdict", "signature_verified", "received_at"]
+    search_fields = ["=out_trade_no", "=transaction_id"]
+    date_hierarchy = "received_at"
+    actions = None  # not even "delete selected": the audit trail is append-only
+    readonly_fields = ("received_at", "verdict", "detail", "order", "signature_verified", "mch_id", "sub_mch_id",
+                       "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body")
+    fields = readonly_fields
+
+    @admin.display(description=_("body as received (it never holds the API key)"))
+    def body(self, notification: PaymentNotification) -> str:
+        return format_html("<pre>{}</pre>", pretty_xml(notification.raw_body)) if notification.raw_body else "—"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -1,4 +1,5 @@
-"""Order state and the close audit trail. No HTTP here: services.py is the only writer of state."""
+"""Order state, the close audit trail and the payment notifications received. No HTTP here: services.py is the
+only writer of state."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from .wechat import Outcome
 
@@ -192,3 +194,75 @@ class CloseAttempt(models.Model):
             for name, value in fields.items():
                 setattr(self, name, value)
         return bool(completed)
+
+
+class NotificationVerdict(models.TextChoices):
+    """What one payment notification led to; notifications.py decides it and the reply WeChat gets."""
+
+    RECORDED_PAID = "recorded_paid", _("Payment recorded")
+    ALREADY_PAID = "already_paid", _("Already paid (a repeat)")
+    PAID_AFTER_CLOSE = "paid_after_close", _("Paid after we closed it: refund it")
+    AMOUNT_MISMATCH = "amount_mismatch", _("Amount or currency differs from the order")
+    UNKNOWN_ORDER = "unknown_order", _("Unknown order")
+    UNKNOWN_MERCHANT = "unknown_merchant", _("Unknown merchant")
+    BAD_SIGNATURE = "bad_signature", _("Missing or wrong signature")
+    UNREADABLE = "unreadable", _("Unreadable body")
+    NOT_SUCCESS = "not_success", _("Payment not successful")
+
+
+class PaymentNotificationQuerySet(models.QuerySet["PaymentNotification"]):
+    def delete(self) -> Any:
+        raise AuditTrailError("Payment notifications are an audit trail and are never deleted.")
+
+    def update(self, **kwargs: Any) -> int:
+        raise AuditTrailError("Payment notifications are append-only; a row is never edited.")
+
+
+class PaymentNotification(models.Model):
+    """One payment result notification as it arrived, and its verdict: written once, never edited or deleted.
+
+    Every POST to the notify view leaves a row, believed or not; only `signature_verified` rows are WeChat's
+    word. Identifiers are stored as received (cut to their column's length), so a forged body shows as sent.
+    """
+
+    received_at = models.DateTimeField(_("received at"), default=timezone.now)
+    raw_body = models.TextField(
+        _("raw body"), blank=True,
+        help_text=_("As received, capped; undecodable bytes escaped. A notification never carries the API key."),
+    )
+    mch_id = models.CharField(_("mch_id"), max_length=32, blank=True)
+    sub_mch_id = models.CharField(_("sub_mch_id"), max_length=32, blank=True)
+    out_trade_no = models.CharField(_("out_trade_no"), max_length=32, blank=True)
+    transaction_id = models.CharField(_("transaction_id"), max_length=32, blank=True)
+    total_fee = models.CharField(_("total_fee"), max_length=32, blank=True, help_text=_("As received."))
+    fee_type = models.CharField(_("fee_type"), max_length=16, blank=True)
+    result_code = models.CharField(_("result_code"), max_length=16, blank=True)
+    signature_verified = models.BooleanField(
+        _("signature verified"), null=True, blank=True,
+        help_text=_("Empty: not checked (unreadable body or unknown merchant)."),
+    )
+    verdict = models.CharField(_("verdict"), max_length=20, choices=NotificationVerdict.choices)
+    detail = models.TextField(_("detail"), blank=True)
+    order = models.ForeignKey(
+        Order, on_delete=models.PROTECT, null=True, blank=True, related_name="payment_notifications",
+        verbose_name=_("order"),
+    )
+
+    objects = PaymentNotificationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-received_at", "-id"]
+        verbose_name = _("payment notification")
+        verbose_name_plural = _("payment notifications")
+        indexes = [models.Index(fields=["verdict", "received_at"], name="wxpay_notif_verdict_idx")]
+
+    def __str__(self) -> str:
+        return f"notification {self.out_trade_no or '?'} at {self.received_at:%Y-%m-%d %H:%M:%S}: {self.verdict}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditTrailError("Payment notifications are append-only; a row is never edited.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise AuditTrailError("Payment notifications are an audit trail and are never deleted.")

@@ -1,4 +1,5 @@
-"""The WeChat Pay closeorder wire protocol: signing, XML, the HTTP client, outcome classification.
+"""The WeChat Pay closeorder wire protocol: signing, XML, the HTTP client, outcome classification, and the
+payment notifications WeChat sends back.
 
 Nothing in this package imports Django; the simulator and the benchmarks use it as it is.
 """
@@ -12,6 +13,7 @@ from .client import (
     PreparedClose,
     validate_out_trade_no,
 )
+from .notification import Notification, notification_reply, read_notification
 from .outcomes import Outcome, classify_answer
 from .signing import SignType, compute_signature, new_nonce, signing_string, verify_signature
 from .xmlcodec import DEFAULT_MAX_BODY_BYTES, InvalidXMLBody, decode_xml, encode_xml
@@ -24,6 +26,7 @@ __all__ = [
     "InvalidRequestField",
     "InvalidXMLBody",
     "Merchant",
+    "Notification",
     "Outcome",
     "PreparedClose",
     "SignType",
@@ -32,6 +35,8 @@ __all__ = [
     "decode_xml",
     "encode_xml",
     "new_nonce",
+    "notification_reply",
+    "read_notification",
     "signing_string",
     "validate_out_trade_no",
     "verify_signature",
