@@ -33,6 +33,7 @@ from django.db import InterfaceError, OperationalError, connections, router, tra
 from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.translation import gettext, gettext_lazy, gettext_noop, ngettext_lazy, pgettext
 
 from . import signals
 from .conf import CloseSettings, load_settings
@@ -85,8 +86,8 @@ class CloseAction(str, Enum):
         return _ACTION_LABELS[self]
 
     def counted(self, count: int) -> str:
-        """'1 was already paid', '2 were already paid': the label with its count, grammatical."""
-        return f"{count} {_ACTION_SINGULAR.get(self, self.label) if count == 1 else self.label}"
+        """'1 was already paid', '2 were already paid': the label with its count, grammatical in each language."""
+        return _ACTION_SINGULAR[self] % {"count": count}
 
     @property
     def is_alarm(self) -> bool:
@@ -95,30 +96,43 @@ class CloseAction(str, Enum):
                         CloseAction.FAILED)
 
 
+# Lazy: translated when a summary is built, in the language active then (the admin's request, the command's
+# LANGUAGE_CODE).
 _ACTION_LABELS = {
-    CloseAction.CLOSED: "closed",
-    CloseAction.ALREADY_CLOSED: "were already closed",
-    CloseAction.FOUND_PAID: "were already paid",
-    CloseAction.RETRY_SCHEDULED: "will be retried",
-    CloseAction.MARKED_UNKNOWN: "were never known to WeChat",
-    CloseAction.PUT_ON_HOLD: "need attention",
-    CloseAction.CONFIGURATION_ERROR: "hit a configuration error",
-    CloseAction.SKIPPED: "were skipped",
-    CloseAction.CLAIM_LOST: "were answered after another close took them over",
-    CloseAction.FAILED: "failed unexpectedly",
+    CloseAction.CLOSED: gettext_lazy("closed"),
+    CloseAction.ALREADY_CLOSED: gettext_lazy("were already closed"),
+    CloseAction.FOUND_PAID: gettext_lazy("were already paid"),
+    CloseAction.RETRY_SCHEDULED: gettext_lazy("will be retried"),
+    CloseAction.MARKED_UNKNOWN: gettext_lazy("were never known to WeChat"),
+    CloseAction.PUT_ON_HOLD: gettext_lazy("need attention"),
+    CloseAction.CONFIGURATION_ERROR: gettext_lazy("hit a configuration error"),
+    CloseAction.SKIPPED: gettext_lazy("were skipped"),
+    CloseAction.CLAIM_LOST: gettext_lazy("were answered after another close took them over"),
+    CloseAction.FAILED: gettext_lazy("failed unexpectedly"),
 }
+# The counted phrases, through ngettext: English has two forms, Chinese one, other languages more.
 _ACTION_SINGULAR = {
-    CloseAction.ALREADY_CLOSED: "was already closed",
-    CloseAction.FOUND_PAID: "was already paid",
-    CloseAction.MARKED_UNKNOWN: "was never known to WeChat",
-    CloseAction.PUT_ON_HOLD: "needs attention",
-    CloseAction.SKIPPED: "was skipped",
-    CloseAction.CLAIM_LOST: "was answered after another close took it over",
+    CloseAction.CLOSED: ngettext_lazy("%(count)d closed", "%(count)d closed", "count"),
+    CloseAction.ALREADY_CLOSED: ngettext_lazy("%(count)d was already closed", "%(count)d were already closed", "count"),
+    CloseAction.FOUND_PAID: ngettext_lazy("%(count)d was already paid", "%(count)d were already paid", "count"),
+    CloseAction.RETRY_SCHEDULED: ngettext_lazy("%(count)d will be retried", "%(count)d will be retried", "count"),
+    CloseAction.MARKED_UNKNOWN: ngettext_lazy("%(count)d was never known to WeChat",
+                                              "%(count)d were never known to WeChat", "count"),
+    CloseAction.PUT_ON_HOLD: ngettext_lazy("%(count)d needs attention", "%(count)d need attention", "count"),
+    CloseAction.CONFIGURATION_ERROR: ngettext_lazy("%(count)d hit a configuration error",
+                                                   "%(count)d hit a configuration error", "count"),
+    CloseAction.SKIPPED: ngettext_lazy("%(count)d was skipped", "%(count)d were skipped", "count"),
+    CloseAction.CLAIM_LOST: ngettext_lazy("%(count)d was answered after another close took it over",
+                                          "%(count)d were answered after another close took them over", "count"),
+    CloseAction.FAILED: ngettext_lazy("%(count)d failed unexpectedly", "%(count)d failed unexpectedly", "count"),
 }
 
-CLAIMED_ELSEWHERE = "a close is already in flight for it"
-MERCHANT_HALTED = "its merchant is halted for this run: two of its orders in a row hit a configuration error"
-ABANDONED = "no answer was recorded: the process stopped or lost its database"
+# Stored in CloseAttempt.reason and compared as they are, so they stay plain English: gettext_noop only puts them
+# in the catalogue, and the admin translates them when it shows a stored reason.
+CLAIMED_ELSEWHERE = gettext_noop("a close is already in flight for it")
+MERCHANT_HALTED = gettext_noop(
+    "its merchant is halted for this run: two of its orders in a row hit a configuration error")
+ABANDONED = gettext_noop("no answer was recorded: the process stopped or lost its database")
 # A merchant is halted for the rest of a run after this many of its orders in a row hit a configuration error:
 # one such order may be poison (an order-specific FAIL), two in a row mean the key or sign type is wrong.
 HALT_AFTER_CONFIGURATION_ERRORS = 2
@@ -217,9 +231,12 @@ class CloseReport:
             if not count:
                 continue
             reasons = sorted(reason for (reason_action, reason) in self.by_reason if reason_action is action and reason)
-            detail = f" ({'; '.join(reasons[:5])})" if reasons and action is not CloseAction.CLOSED else ""
+            # Translators: the err_codes or reasons after a counted phrase, e.g. " (SYSTEMERROR)".
+            detail = pgettext("summary reasons", " (%(reasons)s)") % {"reasons": "; ".join(reasons[:5])} \
+                if reasons and action is not CloseAction.CLOSED else ""
             parts.append(f"{action.counted(count)}{detail}")
-        return ", ".join(parts) or "nothing to do"
+        # Translators: between the counted phrases of a summary; Chinese takes a full-width comma.
+        return pgettext("list separator", ", ").join(parts) or gettext("nothing to do")
 
 
 def _write_database() -> str:
@@ -400,7 +417,8 @@ class _Run:
             except (OperationalError, InterfaceError) as exc:
                 connections[self.db].close()  # the next query opens a new connection
                 if delay is None:
-                    raise DatabaseUnavailable(f"the database is unavailable: {exc}".strip()) from exc
+                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise DatabaseUnavailable(f"the database is unavailable: {first_line}") from exc
                 logger.warning("Lost the database connection (%s); reconnecting in %.1fs", exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: the last try raises")

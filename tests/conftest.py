@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -112,7 +113,9 @@ def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Ite
     """
     processes: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, as_json: bool = True, log_level: str = "WARNING") -> subprocess.Popen[str]:
+    def start(*args: str, as_json: bool = True, log_level: str = "WARNING",
+              clock_offset: str | None = None) -> subprocess.Popen[str]:
+        """`clock_offset` ("+150s"): the process runs with its host clock shifted (libfaketime)."""
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.subprocess_settings",
@@ -120,8 +123,10 @@ def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Ite
             "WXPAY_TEST_CLOSE": close_settings_as_json(wxpay_settings),
             "WXPAY_TEST_LOG_LEVEL": log_level,
         }
+        shifted = ["faketime", "-f", clock_offset] if clock_offset else []
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "close_expired_orders", *(["--json"] if as_json else []), *args],
+            [*shifted, sys.executable, str(ROOT / "manage.py"), "close_expired_orders",
+             *(["--json"] if as_json else []), *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         processes.append(process)
@@ -132,6 +137,16 @@ def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Ite
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def require_faketime() -> None:
+    """Skip (fail under CI=true) where libfaketime's `faketime` is missing: it shifts a process's clock."""
+    if shutil.which("faketime"):
+        return
+    message = "needs faketime to shift a sweeper's clock: apt-get install faketime"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture
