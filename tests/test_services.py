@@ -19,6 +19,8 @@ from django_wxpay_close.services import (
     MERCHANT_HALTED,
     CloseAction,
     InvalidTransition,
+    ReorderVerdict,
+    close_before_reorder,
     close_order,
     close_orders,
     create_order,
@@ -506,3 +508,38 @@ def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(ma
     assert close_order(order).action is CloseAction.RETRY_SCHEDULED
     assert order.claim_expires_at is None and order.retry_count == 1
     assert close_order(order).action is CloseAction.CLOSED
+
+
+# -- closing the old order before the shop creates a new one for the same purchase ----------------------------------
+
+
+def test_before_a_reorder_an_unpaid_order_is_closed_and_a_new_one_may_be_created(make_order, simulator):
+    answer = close_before_reorder(make_order())
+    assert answer.verdict is ReorderVerdict.CREATE_NEW and answer.may_create_new_order
+    assert answer.order.state == OrderState.CLOSED and answer.result.action is CloseAction.CLOSED
+
+
+def test_before_a_reorder_an_order_the_payer_paid_says_do_not_create_a_new_one(make_order):
+    answer = close_before_reorder(make_order(remote=RemoteState.PAID))
+    assert answer.verdict is ReorderVerdict.ALREADY_PAID and not answer.may_create_new_order
+    assert answer.order.state == OrderState.PAID
+
+
+def test_before_a_reorder_an_order_already_closed_needs_no_request(make_order, simulator):
+    answer = close_before_reorder(make_order(state=OrderState.CLOSED))
+    assert answer.verdict is ReorderVerdict.CREATE_NEW and simulator.requests == [] and answer.result is None
+
+
+def test_before_a_reorder_a_just_created_order_says_when_it_can_be_closed(make_order, simulator):
+    order = make_order(age=timedelta(minutes=1), expired_for=timedelta(0))
+    answer = close_before_reorder(order)
+    assert answer.verdict is ReorderVerdict.TOO_YOUNG and simulator.requests == []
+    assert answer.retry_at == order.created_at + timedelta(minutes=5)
+
+
+def test_before_a_reorder_an_unknown_outcome_says_retry(make_order, simulator):
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+    answer = close_before_reorder(order)
+    assert answer.verdict is ReorderVerdict.UNKNOWN and not answer.may_create_new_order
+    assert answer.retry_at == answer.order.next_attempt_at and answer.order.state == OrderState.OPEN
