@@ -141,6 +141,7 @@ def test_the_next_run_after_the_claims_expire_finishes_the_dead_sweepers_orders_
         orders=ORDERS, workers=WORKERS, killed_with_requests_in_flight=len(crash.in_flight),
         claims_held_by_dead_process=len(crash.claimed),
         rows_settled_as_abandoned=CloseAttempt.objects.filter(reason=ABANDONED).count(),
+        unfinished_audit_rows=CloseAttempt.objects.unfinished().count(),
         orders_lost=Order.objects.exclude(state=OrderState.CLOSED).count(),
         orders_double_closed=sum(1 for r in simulator.requests if r.closed) - ORDERS,
     )
