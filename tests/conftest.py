@@ -19,7 +19,8 @@ from django.utils import timezone
 from django_wxpay_close.models import Order
 from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID, OrderState, WeChatPaySimulator
 
-pytest_plugins = ["django_wxpay_close.testing.pytest_plugin"]
+# The fixtures of django_wxpay_close.testing.pytest_plugin (wxpay_simulator, wxpay_close_settings) come from its
+# pytest11 entry point, as in any project that installs the package (scripts/test runs `pip install -e`).
 
 OTHER_MCH_ID = "10000200"
 OTHER_API_KEY = "OTHERKEY0OTHERKEY1OTHERKEY2OTHER"

@@ -40,7 +40,6 @@ from django_wxpay_close.wechat import (
     verify_signature,
 )
 
-pytest_plugins = ["django_wxpay_close.testing.pytest_plugin"]
 
 OTHER_KEY = "OTHERKEY" * 4
 BOTH_SIGN_TYPES = [SignType.MD5, SignType.HMAC_SHA256]

@@ -3,6 +3,12 @@
 With no --merchant it knows the demo merchant (appid wx2421b1c4370ec43b, mch_id 10000100, sub_mch_id 20000200,
 key TESTKEY0TESTKEY1TESTKEY2TESTKEY3). It creates one unpaid demo order and prints a ready-to-run, correctly
 signed `curl` command that closes it, so a hand-made request needs no signing code.
+
+Run this way it treats an order it was never told about as unpaid (`--unknown-orders open`, the default here):
+a separate process has no way to learn the orders of the shop that talks to it, so the admin walkthrough's
+"Close selected orders" would otherwise answer ORDERNOTEXIST for every order. `--unknown-orders not_exist`
+answers as WeChat does for an order it never saw. (`WeChatPaySimulator` itself defaults to not_exist: tests
+tell it their orders.)
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from ..wechat import CLOSEORDER_PATH, CloseOrderClient, Merchant, SignType
 from .simulator import API_KEY, APPID, MCH_ID, SUB_MCH_ID, WeChatPaySimulator
 
 DEMO_OUT_TRADE_NO = "DEMO-ORDER-1"
+_UNKNOWN_ORDERS_MEANING: dict[str, str] = {
+    "open": "any other order is unpaid: its first close answers SUCCESS, later ones ORDERCLOSED",
+    "not_exist": "any other order answers ORDERNOTEXIST",
+}
 
 
 def _merchant(text: str) -> tuple[str, str]:
@@ -40,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"a merchant it accepts; repeatable (default: the demo merchant {MCH_ID})",
     )
     parser.add_argument(
-        "--unknown-orders", choices=("not_exist", "open"), default="not_exist",
-        help="answer for an order it does not know: ORDERNOTEXIST, or treat it as unpaid and close it",
+        "--unknown-orders", choices=("not_exist", "open"), default="open",
+        help="an order it was never told about: open (default) treats it as unpaid and closes it; "
+             "not_exist answers ORDERNOTEXIST",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
     return parser
@@ -73,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
     with simulator:
         print(f"WeChat Pay simulator listening on {simulator.base_url}", flush=True)
-        print(f"Merchants: {', '.join(merchants)}; unknown orders: {args.unknown_orders}", flush=True)
+        print(f"Merchants: {', '.join(merchants)}; unknown orders: {args.unknown_orders} "
+              f"({_UNKNOWN_ORDERS_MEANING[args.unknown_orders]})", flush=True)
         print(
             f"Demo order {DEMO_OUT_TRADE_NO} (mch_id {demo_mch_id}, sub_mch_id {SUB_MCH_ID}) is unpaid. "
             "Close it (a second run answers ORDERCLOSED) with:",
