@@ -175,13 +175,14 @@ class OrderCloseResult:
     outcome: Outcome | None = None  # None when nothing was sent
     attempt_id: int | None = None
     duration: float = 0.0  # seconds spent on the HTTP exchange
+    url: str = ""  # the URL that answered, or the last one tried
 
     @property
     def summary_key(self) -> str:
-        """A short, low-cardinality reason for summaries: the err_code or outcome, else the reason."""
-        if self.reason:
-            return self.reason.split(":", 1)[0]
-        return self.outcome.value if self.outcome is not None else ""
+        """A short, low-cardinality reason for summaries: the err_code or outcome, else the reason; a transport
+        failure names the URL, which is what an operator checks first."""
+        key = self.reason.split(":", 1)[0] if self.reason else (self.outcome.value if self.outcome else "")
+        return f"{key} ({self.url})" if self.url and self.outcome in _TRANSPORT_FAILURES else key
 
 
 _MAX_SUMMARY_KEYS = 100
@@ -308,11 +309,12 @@ def _send_signal(signal: Any, order: Order, using: str, **kwargs: Any) -> None:
     transaction.on_commit(send, using=using)
 
 
-def _order_result(order: Order, action: CloseAction, reason: str = "", *, outcome: Outcome | None = None,
-                  attempt: CloseAttempt | None = None, duration: float = 0.0) -> OrderCloseResult:
+def _order_result(order: Order, action: CloseAction, reason: str = "", *, result: CloseResult | None = None,
+                  attempt: CloseAttempt | None = None) -> OrderCloseResult:
     return OrderCloseResult(
-        order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action,
-        reason=reason, outcome=outcome, attempt_id=attempt.pk if attempt else None, duration=duration,
+        order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action, reason=reason,
+        outcome=result.outcome if result else None, attempt_id=attempt.pk if attempt else None,
+        duration=result.elapsed if result else 0.0, url=result.url if result else "",
     )
 
 
@@ -565,8 +567,7 @@ class _Run:
             row = CloseAttempt.objects.using(self.db).filter(pk=attempt.pk)
             if retrying and row.filter(outcome=answer["outcome"], response_body=answer["response_body"]).exists():
                 # The commit of the try before landed, though its acknowledgement was lost with the connection.
-                return _order_result(order, decision.action, decision.reason, outcome=result.outcome,
-                                     attempt=attempt, duration=result.elapsed)
+                return _order_result(order, decision.action, decision.reason, result=result, attempt=attempt)
             # The order first: its row lock keeps other sweepers off it until the answer is committed.
             applied = Order.objects.using(self.db).filter(
                 pk=order.pk, claim_token=self.token, state=OrderState.OPEN).update(**decision.values)
@@ -587,7 +588,7 @@ class _Run:
                    "outcome": result.outcome.value, "action": action.value, "duration_ms": answer["duration_ms"],
                    "attempt_id": attempt.pk},
         )
-        return _order_result(order, action, reason, outcome=result.outcome, attempt=attempt, duration=result.elapsed)
+        return _order_result(order, action, reason, result=result, attempt=attempt)
 
     def _not_applied(self, order: Order, result: CloseResult, decision: _Decision) -> tuple[CloseAction, str]:
         """Why an answer's UPDATE found nothing to change: the state moved (a payment recorded meanwhile, say),

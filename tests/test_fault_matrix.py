@@ -144,6 +144,9 @@ def test_a_refused_connection_is_retried_with_backoff(make_order: Callable[..., 
     attempt = last_attempt(order)
     assert attempt.reason.startswith("connection error") and attempt.http_status is None
     assert attempt.url == refused + CLOSEORDER_PATH and attempt.failed_over_from == ""
+    # The summary names the URL that could not be reached: the first thing an operator checks.
+    assert run.summary["reasons"] == [
+        {"action": "retry_scheduled", "reason": f"connection error ({refused}{CLOSEORDER_PATH})", "count": 1}]
 
 
 @pytest.mark.parametrize(("fault", "outcome", "http_status", "reason"), [
