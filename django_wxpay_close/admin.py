@@ -1,34 +1,36 @@
 """The admin: orders with their whole audit trail, a read-only audit list, and "Close selected orders".
 
 Thin on purpose: it shows models and calls services; it never changes an order's state itself.
+Every date it shows is formatted by `_when` (ISO order, the current time zone), in lists and on pages alike.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from xml.parsers.expat import ExpatError
 
 from defusedxml import minidom as safe_minidom
 from defusedxml.common import DefusedXmlException
-
 from django.contrib import admin, messages
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.translation import gettext, ngettext, pgettext, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
 
 from .conf import CloseSettings, load_settings
-from .models import CloseAttempt, Order, OrderState, PaymentNotification, Trigger
-from .selectors import orders_needing_attention, why_not_closable
-from .services import CloseAction, close_orders, lift_hold
+from .models import OUTCOME_LABELS, CloseAttempt, Order, OrderState, PaymentNotification, Trigger
+from .selectors import TOO_YOUNG, orders_needing_attention, why_not_closable
+from .services import CLAIMED_ELSEWHERE, CloseAction, close_orders, lift_hold
 from .wechat import Outcome
 
 _STATE_COLOURS = {
@@ -37,10 +39,30 @@ _STATE_COLOURS = {
     OrderState.PAID: "#2e7d32",
     OrderState.UNKNOWN_TO_WECHAT: "#8d6e63",
 }
+_OVERDUE_COLOUR = "#965a00"  # amber dark enough for white badge text (WCAG AA, 5.6:1)
+# Short enough for a list column; the filter and the order page use the states' full labels.
+_BADGE_TEXTS = {
+    OrderState.OPEN: _("awaiting payment"),
+    OrderState.CLOSED: _("closed"),
+    OrderState.PAID: _("paid"),
+    OrderState.UNKNOWN_TO_WECHAT: _("unknown to WeChat"),
+}
+
+# why_not_closable's reasons, for people. Its text for a terminal state is built from a (translated) state label,
+# so a terminal order's reason is chosen here from its state instead.
+_SKIP_REASONS = {
+    TOO_YOUNG: _("younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)"),
+    CLAIMED_ELSEWHERE: _("a close is already in flight for it"),
+}
+_TERMINAL_REASONS = {
+    OrderState.CLOSED: _("it is closed"),
+    OrderState.PAID: _("it is paid"),
+    OrderState.UNKNOWN_TO_WECHAT: _("it was never known to WeChat"),
+}
 
 
 def pretty_xml(text: str) -> str:
-    """Indented XML for people; the stored text unchanged when it is not XML (it is shown as sent)."""
+    """Indented XML for people; the stored text unchanged when it is not XML."""
     if not text.strip().startswith("<"):
         return text
     try:
@@ -51,16 +73,67 @@ def pretty_xml(text: str) -> str:
     return document.documentElement.toprettyxml(indent="  ").strip()
 
 
+def _exact(text: str) -> SafeString:
+    """Stored text exactly as it is (only HTML-escaped); CSS wraps long lines instead of widening the page."""
+    return format_html('<pre class="wxpay-exact">{}</pre>', text)
+
+
+def _pretty(text: str) -> SafeString | str:
+    """The indented view, or "—" when indenting changes nothing (not XML): then the exact view says it all."""
+    pretty = pretty_xml(text) if text else ""
+    return format_html('<pre class="wxpay-pretty">{}</pre>', pretty) if pretty and pretty != text else "—"
+
+
+def _local(moment: datetime) -> datetime:
+    # With USE_TZ=False the database holds naive local times, which localtime() refuses (ValueError).
+    return timezone.localtime(moment) if timezone.is_aware(moment) else moment
+
+
 def _when(moment: datetime | None) -> str:
-    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S %Z") if moment else "—"
+    return _local(moment).strftime("%Y-%m-%d %H:%M:%S %Z").rstrip() if moment else "—"
+
+
+def _when_html(moment: datetime | None) -> SafeString | str:
+    """`_when` for narrow columns: it may break between the date and the time, never inside either."""
+    if moment is None:
+        return "—"
+    day, _space, time = _when(moment).partition(" ")
+    return format_html('<span class="wxpay-nowrap">{}</span> <span class="wxpay-nowrap">{}</span>', day, time)
+
+
+def _moment(field: str, description: Any, *, only_when_open: bool = False) -> Callable[..., Any]:
+    """A display method for a datetime field in `_when`'s format (Django's own would be a second format).
+
+    `only_when_open` shows "—" once the order is no longer open: a terminal order keeps its last
+    next_attempt_at, which means nothing any more.
+    """
+
+    def show(self: admin.ModelAdmin[Any], obj: Model) -> SafeString | str:
+        if only_when_open and getattr(obj, "state", OrderState.OPEN) != OrderState.OPEN:
+            return "—"
+        return _when_html(getattr(obj, field))
+
+    show.__name__ = field
+    return admin.display(description=description, ordering=field)(show)
 
 
 def _who(attempt: CloseAttempt) -> str:
-    return f"{Trigger(attempt.trigger).label} ({attempt.actor})" if attempt.actor else Trigger(attempt.trigger).label
+    trigger = Trigger(attempt.trigger).label
+    return f"{trigger} ({attempt.actor})" if attempt.actor else str(trigger)
+
+
+def _outcome_label(outcome: str) -> str:
+    return str(OUTCOME_LABELS[Outcome(outcome)])
 
 
 def _answer(attempt: CloseAttempt) -> str:
-    return attempt.err_code or attempt.result_code or (Outcome(attempt.outcome).label if attempt.outcome else "")
+    return attempt.err_code or attempt.result_code or (_outcome_label(attempt.outcome) if attempt.outcome else "")
+
+
+def _stored_reason(reason: str) -> str:
+    """A reason the engine stored in English, in the reader's language when the catalogue has it (the engine's
+    fixed reasons are in it); anything else (WeChat's own words, exception texts) as stored."""
+    return gettext(reason) if reason else ""
 
 
 def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: CloseSettings | None,
@@ -71,60 +144,77 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
     """
     if order.state == OrderState.CLOSED:
         if last_attempt is not None and last_attempt.outcome == Outcome.ALREADY_CLOSED:
-            told = ("WeChat answered ORDERCLOSED (someone had closed it before) to the close sent at "
-                    f"{_when(last_attempt.started_at)} by {_who(last_attempt)}.")
+            told = gettext("WeChat answered ORDERCLOSED (someone had closed it before) to the close sent at "
+                           "%(when)s by %(who)s.") % {"when": _when(last_attempt.started_at), "who": _who(last_attempt)}
         elif last_attempt is not None:
-            told = (f"WeChat answered {_answer(last_attempt)} to the close sent at {_when(last_attempt.started_at)} "
-                    f"by {_who(last_attempt)}.")
+            told = gettext("WeChat answered %(answer)s to the close sent at %(when)s by %(who)s.") % {
+                "answer": _answer(last_attempt), "when": _when(last_attempt.started_at), "who": _who(last_attempt)}
         else:
-            told = "No close exchange is recorded for it."
-        return [f"Closed at {_when(order.closed_at)}.", told, "It can never be paid; nothing more will be sent."]
+            told = gettext("No close exchange is recorded for it.")
+        return [gettext("Closed at %(when)s.") % {"when": _when(order.closed_at)}, told,
+                gettext("It can never be paid; nothing more will be sent.")]
     if order.state == OrderState.PAID:
         if last_attempt is not None and last_attempt.outcome == Outcome.PAID:
-            how = f"WeChat answered ORDERPAID to the close sent at {_when(last_attempt.started_at)}: the payer paid."
+            how = gettext("WeChat answered ORDERPAID to the close sent at %(when)s: the payer paid.") % {
+                "when": _when(last_attempt.started_at)}
         else:
-            how = "The shop recorded the payment (payment notification or order query)."
-        return [f"Paid at {_when(order.paid_at)}.", how,
-                "closeorder is never sent for it; the shop must fulfil or refund it."]
+            how = gettext("The shop recorded the payment (payment notification or order query).")
+        return [gettext("Paid at %(when)s.") % {"when": _when(order.paid_at)}, how,
+                gettext("closeorder is never sent for it; the shop must fulfil or refund it.")]
     if order.state == OrderState.UNKNOWN_TO_WECHAT:
-        return [f"WeChat answered ORDERNOTEXIST to every close until the retries ran out "
-                f"({order.attempt_count} attempts, the last at {_when(order.last_attempt_at)}).",
-                "It was never created at WeChat, so it can never be paid; nothing more will be sent."]
+        return [ngettext("WeChat answered ORDERNOTEXIST to every close until the retries ran out "
+                         "(%(count)d attempt, the last at %(when)s).",
+                         "WeChat answered ORDERNOTEXIST to every close until the retries ran out "
+                         "(%(count)d attempts, the last at %(when)s).", order.attempt_count)
+                % {"count": order.attempt_count, "when": _when(order.last_attempt_at)},
+                gettext("It was never created at WeChat, so it can never be paid; nothing more will be sent.")]
 
     story: list[str] = []
-    last = f"{Outcome(order.last_outcome).label}: {order.last_error}" if order.last_outcome else ""
+    # Translators: the last outcome and WeChat's (untranslated) error text, e.g. "retryable error: SYSTEMERROR".
+    last = pgettext("outcome: error", "%(outcome)s: %(error)s") % {
+        "outcome": _outcome_label(order.last_outcome), "error": order.last_error} if order.last_outcome else ""
     if order.claim_expires_at is not None and order.claim_expires_at >= now:
-        story.append(f"A close is in flight right now (claimed until {_when(order.claim_expires_at)}).")
+        story.append(gettext("A close is in flight right now (claimed until %(when)s).")
+                     % {"when": _when(order.claim_expires_at)})
     if order.on_hold:
-        story += [f"On hold after the last answer ({last or 'none recorded'}).",
-                  "The sweep leaves it alone until a person acts: \"Close selected orders\" retries it and "
-                  "lifts the hold."]
+        story += [gettext("On hold after the last answer (%(last)s).") % {"last": last or gettext("none recorded")},
+                  gettext("The sweep leaves it alone until a person acts: \"Close selected orders\" retries it and "
+                          "lifts the hold.")]
     elif order.last_outcome == Outcome.CONFIGURATION_ERROR:
-        story += [f"The last close hit a configuration error ({order.last_error}).",
-                  "Fix WXPAY_CLOSE (API key, sign type or merchant IDs); every order of this merchant fails the "
-                  f"same way. The sweep tries again from {_when(order.next_attempt_at)}."]
+        story += [gettext("The last close hit a configuration error (%(error)s).") % {"error": order.last_error},
+                  gettext("Fix WXPAY_CLOSE (API key, sign type or merchant IDs); every order of this merchant fails "
+                          "the same way. The sweep tries again from %(when)s.")
+                  % {"when": _when(order.next_attempt_at)}]
     elif order.payment_deadline > now:
-        story.append(f"Awaiting payment: the payment window ends at {_when(order.payment_deadline)}; "
-                     "after that the sweep closes it.")
+        story.append(gettext("Awaiting payment: the payment window ends at %(when)s; after that the sweep closes it.")
+                     % {"when": _when(order.payment_deadline)})
     elif order.next_attempt_at is not None and order.next_attempt_at > now:
-        budget = f" of {settings.max_attempts}" if settings else ""
-        story.append(f"Overdue. Close attempt {order.retry_count}{budget} failed ({last}); "
-                     f"the sweep retries at {_when(order.next_attempt_at)}.")
+        values = {"attempt": order.retry_count, "last": last, "when": _when(order.next_attempt_at)}
+        if settings:
+            story.append(gettext("Overdue. Close attempt %(attempt)d of %(budget)d failed (%(last)s); the sweep "
+                                 "retries at %(when)s.") % {**values, "budget": settings.max_attempts})
+        else:
+            story.append(gettext("Overdue. Close attempt %(attempt)d failed (%(last)s); the sweep retries at "
+                                 "%(when)s.") % values)
+    elif last:
+        story.append(gettext("Overdue since %(when)s: the next sweep sends closeorder (last answer: %(last)s).")
+                     % {"when": _when(order.payment_deadline), "last": last})
     else:
-        story.append(f"Overdue since {_when(order.payment_deadline)}: the next sweep sends closeorder"
-                     + (f" (last answer: {last})." if last else "."))
+        story.append(gettext("Overdue since %(when)s: the next sweep sends closeorder.")
+                     % {"when": _when(order.payment_deadline)})
     if settings is not None and order.created_at > now - settings.min_order_age:
-        story.append(f"It cannot be closed before {_when(order.created_at + settings.min_order_age)} "
-                     "(WeChat mishandles closing a just-created order).")
+        story.append(gettext("It cannot be closed before %(when)s (WeChat mishandles closing a just-created order).")
+                     % {"when": _when(order.created_at + settings.min_order_age)})
     return story
 
 
 class OverdueFilter(admin.SimpleListFilter):
-    title = "overdue"
+    # Translators: a filter's title, shown as "By overdue"; the badge's "overdue" is a separate message.
+    title = pgettext_lazy("filter", "overdue")
     parameter_name = "overdue"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("yes", "Open past its deadline"), ("no", "Not overdue")]
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("yes", _("Open past its deadline")), ("no", _("Not overdue"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Order]) -> QuerySet[Order]:
         overdue = Q(state=OrderState.OPEN, payment_deadline__lte=timezone.now())
@@ -136,11 +226,11 @@ class OverdueFilter(admin.SimpleListFilter):
 
 
 class NeedsAttentionFilter(admin.SimpleListFilter):
-    title = "needs attention"
+    title = _("needs attention")
     parameter_name = "attention"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("yes", "Needs attention")]
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("yes", _("Needs attention"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Order]) -> QuerySet[Order]:
         if self.value() == "yes":
@@ -149,20 +239,20 @@ class NeedsAttentionFilter(admin.SimpleListFilter):
 
 
 def _xml_details(attempt: CloseAttempt) -> SafeString:
-    """Both bodies behind a disclosure, so the trail stays one line per exchange until someone looks."""
-    response = pretty_xml(attempt.response_body) if attempt.response_body else "(no response body)"
+    """Both bodies exactly as stored, behind a disclosure, so the trail stays one line per exchange until someone
+    looks; the pretty-printed view is on the exchange's own page."""
+    response = _exact(attempt.response_body) if attempt.response_body else gettext("(no response body)")
     return format_html(
-        "<details><summary>XML</summary><p>Request (exact bytes sent; the key is never part of it):</p>"
-        '<pre style="margin:0;font-size:11px">{}</pre><p>Response:</p>'
-        '<pre style="margin:0;font-size:11px">{}</pre></details>',
-        pretty_xml(attempt.request_xml), response,
+        '<details class="wxpay-xml"><summary>XML</summary><p>{}</p>{}<p>{}</p>{}</details>',
+        gettext("Request (exact bytes sent; the key is never part of it):"), _exact(attempt.request_xml),
+        gettext("Response (as received):"), response,
     )
 
 
 class CloseAttemptInline(admin.TabularInline):
     model = CloseAttempt
-    verbose_name = "closeorder exchange"
-    verbose_name_plural = "Audit trail (newest first)"
+    verbose_name = _("closeorder exchange")
+    verbose_name_plural = _("Audit trail (newest first)")
     fields = ["started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
               "duration_ms", "xml"]  # the URL, failover and raw fields are on the attempt's own page
     readonly_fields = fields
@@ -171,22 +261,22 @@ class CloseAttemptInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     show_change_link = False
+    empty_value_display = "—"
 
-    @admin.display(description="started")
+    @admin.display(description=_("started"))
     def started(self, attempt: CloseAttempt) -> str:
         link = reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk])
-        started = timezone.localtime(attempt.started_at).strftime("%Y-%m-%d %H:%M:%S")
-        return format_html('<a href="{}">{}</a>', link, started)
+        return format_html('<a href="{}">{}</a>', link, _when_html(attempt.started_at))
 
-    @admin.display(description="outcome")
+    @admin.display(description=_("outcome"))
     def outcome_badge(self, attempt: CloseAttempt) -> str:
         return outcome_badge(attempt)
 
-    @admin.display(description="answer")
+    @admin.display(description=_("answer"))
     def answer(self, attempt: CloseAttempt) -> str:
-        return attempt.reason or _answer(attempt) or "—"
+        return _stored_reason(attempt.reason) or _answer(attempt) or "—"
 
-    @admin.display(description="request / response")
+    @admin.display(description=_("request / response"))
     def xml(self, attempt: CloseAttempt) -> str:
         return _xml_details(attempt)
 
@@ -213,11 +303,12 @@ class PaymentNotificationInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     show_change_link = False
+    empty_value_display = "—"
 
     @admin.display(description=_("received"))
     def received(self, notification: PaymentNotification) -> str:
         link = reverse("admin:django_wxpay_close_paymentnotification_change", args=[notification.pk])
-        return format_html('<a href="{}">{}</a>', link, _when(notification.received_at))
+        return format_html('<a href="{}">{}</a>', link, _when_html(notification.received_at))
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -231,13 +322,14 @@ class PaymentNotificationInline(admin.TabularInline):
 
 def outcome_badge(attempt: CloseAttempt) -> str:
     if attempt.has_no_answer:  # abandoned by a process that stopped, or never sent: `reason` says which
-        return format_html('<strong style="color:{}">{}</strong>', "#616161", "no answer")
+        return format_html('<strong style="color:{}">{}</strong>', "#616161", gettext("no answer"))
     if not attempt.outcome:
-        return format_html('<strong style="color:{}">{}</strong> (no answer recorded)', "#b26a00", "unfinished")
+        return format_html('<strong style="color:{}">{}</strong> {}', "#b26a00", gettext("unfinished"),
+                           gettext("(no answer recorded)"))
     outcome = Outcome(attempt.outcome)
     colour = "#2e7d32" if outcome.order_is_closed or outcome is Outcome.PAID else (
         "#b26a00" if outcome.is_retryable else "#c62828")
-    return format_html('<strong style="color:{}">{}</strong>', colour, outcome.label)
+    return format_html('<strong style="color:{}">{}</strong>', colour, OUTCOME_LABELS[outcome])
 
 
 def _settings_or_none() -> CloseSettings | None:
@@ -247,33 +339,74 @@ def _settings_or_none() -> CloseSettings | None:
         return None
 
 
+def _skip_reason(order: Order, blocker: str) -> str:
+    """why_not_closable's reason in the reader's language."""
+    if order.state != OrderState.OPEN:
+        return str(_TERMINAL_REASONS[OrderState(order.state)])
+    return str(_SKIP_REASONS.get(blocker, blocker))
+
+
 def _not_sent_summary(skipped: list[tuple[Order, str]]) -> str:
     """'2 not sent: it is paid (1); younger than MIN_ORDER_AGE … (1)'."""
-    counts = Counter(reason for _, reason in skipped)
-    return f"{len(skipped)} not sent: " + "; ".join(f"{reason} ({count})" for reason, count in sorted(counts.items()))
+    counts = Counter(reason for _order, reason in skipped)
+    # Translators: one reason and how many orders it kept back, e.g. "it is paid (1)".
+    reasons = pgettext("reasons separator", "; ").join(
+        pgettext("reason (count)", "%(reason)s (%(count)d)") % {"reason": reason, "count": count}
+        for reason, count in sorted(counts.items()))
+    return ngettext("%(count)d not sent: %(reasons)s", "%(count)d not sent: %(reasons)s", len(skipped)) % {
+        "count": len(skipped), "reasons": reasons}
+
+
+def _as_sentence(text: str) -> str:
+    """A summary phrase as a sentence: capitalised (where the script has capitals) and with its full stop."""
+    # Translators: a sentence with its full stop; Chinese uses "。".
+    return pgettext("sentence", "%(sentence)s.") % {"sentence": text[:1].upper() + text[1:]}
 
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
-    list_display = ["out_trade_no", "merchant", "state_badge", "overdue", "attempt_count", "last_outcome",
-                    "short_last_error", "next_attempt_at", "payment_deadline", "created_at"]
+    # Fits the 790 px that a 1440 px screen leaves between Django's navigation and filter sidebars, even with
+    # 32-character order numbers: the merchant is under the order number, state and "overdue" are one badge, the
+    # last outcome and error one column that wraps, dates may break between day and time, and the counts and
+    # creation time are on the order page (the date hierarchy above the list still browses by creation).
+    list_display = ["order_number", "state_badge", "last_answer", "deadline", "next_attempt"]
     list_filter = ["state", "merchant", OverdueFilter, NeedsAttentionFilter, "last_outcome", "on_hold"]
     search_fields = ["=out_trade_no"]
     date_hierarchy = "created_at"
     actions = ["close_selected_orders", "lift_hold"]
     inlines = [CloseAttemptInline, PaymentNotificationInline]
     fieldsets = [
-        ("Why it is in this state", {"fields": ["story"]}),
-        ("Order", {"fields": [("out_trade_no", "merchant"), ("appid", "mch_id", "sub_mch_id", "sub_appid"),
-                              ("amount", "currency"), ("created_at", "payment_deadline")]}),
-        ("State at WeChat", {"fields": [("state_badge", "state_changed_at"), ("closed_at", "paid_at"), "on_hold"]}),
-        ("Closing", {"fields": [("attempt_count", "retry_count"), ("last_attempt_at", "next_attempt_at"),
-                                ("last_outcome", "last_error"), "claim_expires_at"]}),
+        (_("Why it is in this state"), {"fields": ["story"]}),
+        (_("Order"), {"fields": [("out_trade_no", "merchant"), ("appid", "mch_id", "sub_mch_id", "sub_appid"),
+                                 ("amount", "currency"), ("created_at_when", "payment_deadline_when")]}),
+        (_("State at WeChat"), {"fields": [("state_badge", "state_changed_at_when"),
+                                           ("closed_at_when", "paid_at_when"), "hold"]}),
+        (_("Closing"), {"fields": [("attempt_count", "retry_count"),
+                                   ("last_attempt_at_when", "next_attempt_at_when"),
+                                   ("last_outcome", "last_error"), "claim_expires_at_when"]}),
     ]
+
+    # Django's "-" beside the "—" of the app's own columns would be two signs for one thing.
+    empty_value_display = "—"
+
+    class Media:
+        css = {"all": ["django_wxpay_close/admin.css"]}
+
+    # The list's date columns, short headings; the page's, the fields' own names. All in `_when`'s format.
+    next_attempt = _moment("next_attempt_at", _("next attempt"), only_when_open=True)
+    deadline = _moment("payment_deadline", _("deadline"))
+    created_at_when = _moment("created_at", _("created at"))
+    payment_deadline_when = _moment("payment_deadline", _("payment deadline"))
+    state_changed_at_when = _moment("state_changed_at", _("state changed at"))
+    closed_at_when = _moment("closed_at", _("closed at"))
+    paid_at_when = _moment("paid_at", _("paid at"))
+    last_attempt_at_when = _moment("last_attempt_at", _("last attempt at"))
+    next_attempt_at_when = _moment("next_attempt_at", _("next attempt at"), only_when_open=True)
+    claim_expires_at_when = _moment("claim_expires_at", _("claim expires at"))
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         # Only services change an order; the admin shows it and offers the close action.
-        return [name for _, options in self.fieldsets for line in options["fields"]
+        return [name for _title, options in self.fieldsets for line in options["fields"]
                 for name in ((line,) if isinstance(line, str) else line)]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -287,35 +420,52 @@ class OrderAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    @admin.display(description="what happened and what happens next")
+    @admin.display(description=_("what happened and what happens next"))
     def story(self, order: Order) -> str:
         last_attempt = order.close_attempts.order_by("-started_at", "-id").first()
         sentences = order_story(order, last_attempt=last_attempt, settings=_settings_or_none(), now=timezone.now())
         return format_html('<div class="wxpay-story">{}</div>',
                            format_html_join("", "<p>{}</p>", ((sentence,) for sentence in sentences)))
 
-    @admin.display(description="state", ordering="state")
+    @admin.display(description=_("on hold"))
+    def hold(self, order: Order) -> str:
+        # Words: Django's boolean icons show "not on hold", the good case, as a red cross.
+        return gettext("yes") if order.on_hold else gettext("no")
+
+    @admin.display(description=_("out_trade_no"), ordering="out_trade_no")
+    def order_number(self, order: Order) -> str:
+        return format_html('<span class="wxpay-nowrap">{}</span><br><span class="wxpay-merchant">{}</span>',
+                           order.out_trade_no, order.merchant)
+
+    @admin.display(description=_("state"), ordering="state")
     def state_badge(self, order: Order) -> str:
-        hold = " · on hold" if order.on_hold else ""
-        return format_html(
-            '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;white-space:nowrap">{}{}</span>',
-            _STATE_COLOURS[OrderState(order.state)], order.get_state_display(), hold,
-        )
+        """One badge for state, overdue and hold: words, not a tick or a cross whose meaning has to be guessed."""
+        if order.is_overdue:
+            text, colour = gettext("overdue"), _OVERDUE_COLOUR
+        else:
+            text, colour = str(_BADGE_TEXTS[OrderState(order.state)]), _STATE_COLOURS[OrderState(order.state)]
+        if order.on_hold:
+            # Translators: appended to the state badge, e.g. "overdue · on hold".
+            text = pgettext("badge", "%(state)s · on hold") % {"state": text}
+        return format_html('<span class="wxpay-badge" style="background:{}">{}</span>', colour, text)
 
-    @admin.display(description="overdue", boolean=True)
-    def overdue(self, order: Order) -> bool:
-        return order.is_overdue
-
-    @admin.display(description="last error")
-    def short_last_error(self, order: Order) -> str:
-        return order.last_error if len(order.last_error) <= 60 else order.last_error[:59] + "…"
+    @admin.display(description=_("last answer"), ordering="last_outcome")
+    def last_answer(self, order: Order) -> str:
+        """Outcome and error in one cell, cut short; the whole text is its tooltip and on the order page."""
+        if not order.last_outcome:
+            return "—"
+        text = pgettext("outcome: error", "%(outcome)s: %(error)s") % {
+            "outcome": _outcome_label(order.last_outcome), "error": order.last_error} if order.last_error \
+            else _outcome_label(order.last_outcome)
+        short = text if len(text) <= 40 else text[:39] + "…"
+        return format_html('<span title="{}">{}</span>', text, short)
 
     @transaction.non_atomic_requests
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         # The close action sends requests; with ATOMIC_REQUESTS a rollback would erase their audit rows.
         return super().changelist_view(request, extra_context)
 
-    @admin.action(description="Close selected orders", permissions=["change"])
+    @admin.action(description=_("Close selected orders"), permissions=["change"])
     def close_selected_orders(self, request: HttpRequest, queryset: QuerySet[Order]) -> HttpResponse | None:
         """Preview (what is sent, what is skipped and why), then close through the service on confirmation."""
         try:
@@ -327,9 +477,14 @@ class OrderAdmin(admin.ModelAdmin):
         if selected > settings.admin_max_selection:
             self.message_user(
                 request,
-                f"{selected} orders selected; at most {settings.admin_max_selection} can be closed at once "
-                "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
-                "close_expired_orders sweep them.",
+                ngettext(
+                    "%(count)d order selected; at most %(maximum)d can be closed at once "
+                    "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
+                    "close_expired_orders sweep them.",
+                    "%(count)d orders selected; at most %(maximum)d can be closed at once "
+                    "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
+                    "close_expired_orders sweep them.", selected,
+                ) % {"count": selected, "maximum": settings.admin_max_selection},
                 messages.ERROR,
             )
             return None
@@ -337,12 +492,13 @@ class OrderAdmin(admin.ModelAdmin):
         orders = list(queryset.order_by("payment_deadline", "pk"))
         plan = [(order, why_not_closable(order, now=now, min_order_age=settings.min_order_age)) for order in orders]
         to_send = [order for order, blocker in plan if blocker is None]
-        skipped = [(order, blocker) for order, blocker in plan if blocker]
+        skipped = [(order, _skip_reason(order, blocker)) for order, blocker in plan if blocker]
         if request.POST.get("confirm") != "yes":
             return TemplateResponse(request, "admin/django_wxpay_close/order/close_selected_confirmation.html", {
                 **self.admin_site.each_context(request),
-                "title": "Close these orders at WeChat Pay?",
+                "title": gettext("Close these orders at WeChat Pay?"),
                 "opts": self.model._meta,
+                "media": self.media,
                 "to_send": to_send,
                 "skipped": skipped,
                 "not_yet_expired": [order for order in to_send if order.payment_deadline > now],
@@ -351,54 +507,76 @@ class OrderAdmin(admin.ModelAdmin):
                 "action": "close_selected_orders",
             })
         report = close_orders(to_send, trigger=Trigger.ADMIN, user=request.user)
-        summary = report.sentence() if to_send else "nothing was sent"
-        summary = summary[0].upper() + summary[1:] + "."
+        summary = _as_sentence(report.sentence() if to_send else gettext("nothing was sent"))
         if skipped:
-            summary += f" {_not_sent_summary(skipped)}."
+            # Translators: two sentences of a message; Chinese sentences follow each other without a space.
+            summary = pgettext("two sentences", "%(first)s %(second)s") % {
+                "first": summary, "second": _as_sentence(_not_sent_summary(skipped))}
         level = messages.ERROR if report.has_alarms else (
             messages.WARNING if skipped or set(report.by_action) - {CloseAction.CLOSED, CloseAction.ALREADY_CLOSED}
             else messages.SUCCESS)
         self.message_user(request, summary, level)
         return None
 
-
-    @admin.action(description="Lift the hold of selected orders (the sweep retries them)", permissions=["change"])
+    @admin.action(description=_("Lift the hold of selected orders (the sweep retries them)"), permissions=["change"])
     def lift_hold(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         """Give orders on hold back to the sweep, with a fresh retry budget; nothing is sent now."""
         lifted = lift_hold(queryset)
         if lifted:
-            self.message_user(request, f"{lifted} orders are off hold: the next sweep closes them.", messages.SUCCESS)
+            self.message_user(request, ngettext("%(count)d order is off hold: the next sweep closes it.",
+                                                "%(count)d orders are off hold: the next sweep closes them.", lifted)
+                              % {"count": lifted}, messages.SUCCESS)
         else:
-            self.message_user(request, "None of the selected orders was on hold.", messages.WARNING)
+            self.message_user(request, gettext("None of the selected orders was on hold."), messages.WARNING)
 
 
 @admin.register(CloseAttempt)
 class CloseAttemptAdmin(admin.ModelAdmin):
     """The audit list: searchable and filterable; nobody can add, edit or delete a row."""
 
-    list_display = ["started_at", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
+    list_display = ["started", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
                     "http_status", "signature_verified", "duration_ms"]
     list_filter = ["outcome", "err_code", "merchant", "trigger", "signature_verified", "started_at"]
     search_fields = ["=out_trade_no"]
     date_hierarchy = "started_at"
     actions = None  # not even "delete selected": the audit trail is append-only
     fields = ["order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
-              "failed_over_from", "sign_type", "started_at", "completed_at", "duration_ms", "outcome_badge", "reason",
-              "http_status", "return_code", "return_msg", "result_code", "err_code", "err_code_des",
-              "signature_verified", "request", "response"]
+              "failed_over_from", "sign_type", "started", "completed", "duration_ms", "outcome_badge",
+              "stored_reason", "http_status", "return_code", "return_msg", "result_code", "err_code", "err_code_des",
+              "signature_verified", "request", "request_pretty", "response", "response_pretty"]
     readonly_fields = fields
 
-    @admin.display(description="outcome", ordering="outcome")
+    empty_value_display = "—"
+
+    class Media:
+        css = {"all": ["django_wxpay_close/admin.css"]}
+
+    started = _moment("started_at", _("started at"))
+    completed = _moment("completed_at", _("completed at"))
+
+    @admin.display(description=_("outcome"), ordering="outcome")
     def outcome_badge(self, attempt: CloseAttempt) -> str:
         return outcome_badge(attempt)
 
-    @admin.display(description="request XML (exact bytes sent; the key is never part of it)")
-    def request(self, attempt: CloseAttempt) -> str:
-        return format_html("<pre>{}</pre>", pretty_xml(attempt.request_xml))
+    @admin.display(description=_("reason"))
+    def stored_reason(self, attempt: CloseAttempt) -> str:
+        return _stored_reason(attempt.reason) or "—"
 
-    @admin.display(description="response body")
+    @admin.display(description=_("request XML (exact bytes sent; the key is never part of it)"))
+    def request(self, attempt: CloseAttempt) -> str:
+        return _exact(attempt.request_xml)
+
+    @admin.display(description=_("request XML, pretty-printed for reading (not the bytes sent)"))
+    def request_pretty(self, attempt: CloseAttempt) -> SafeString | str:
+        return _pretty(attempt.request_xml)
+
+    @admin.display(description=_("response body (as received)"))
     def response(self, attempt: CloseAttempt) -> str:
-        return format_html("<pre>{}</pre>", pretty_xml(attempt.response_body)) if attempt.response_body else "—"
+        return _exact(attempt.response_body) if attempt.response_body else "—"
+
+    @admin.display(description=_("response body, pretty-printed for reading"))
+    def response_pretty(self, attempt: CloseAttempt) -> SafeString | str:
+        return _pretty(attempt.response_body)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -414,19 +592,30 @@ class CloseAttemptAdmin(admin.ModelAdmin):
 class PaymentNotificationAdmin(admin.ModelAdmin):
     """Every payment notification received, believed or not; nobody can add, edit or delete a row."""
 
-    list_display = ["received_at", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
+    list_display = ["received", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
                     "total_fee", "fee_type", "transaction_id"]
     list_filter = ["verdict", "signature_verified", "received_at"]
     search_fields = ["=out_trade_no", "=transaction_id"]
     date_hierarchy = "received_at"
     actions = None  # not even "delete selected": the audit trail is append-only
-    readonly_fields = ("received_at", "verdict", "detail", "order", "signature_verified", "mch_id", "sub_mch_id",
-                       "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body")
+    readonly_fields = ("received", "verdict", "detail", "order", "signature_verified", "mch_id", "sub_mch_id",
+                       "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body", "body_pretty")
     fields = readonly_fields
+
+    empty_value_display = "—"
+
+    class Media:
+        css = {"all": ["django_wxpay_close/admin.css"]}
+
+    received = _moment("received_at", _("received at"))
 
     @admin.display(description=_("body as received (it never holds the API key)"))
     def body(self, notification: PaymentNotification) -> str:
-        return format_html("<pre>{}</pre>", pretty_xml(notification.raw_body)) if notification.raw_body else "—"
+        return _exact(notification.raw_body) if notification.raw_body else "—"
+
+    @admin.display(description=_("body, pretty-printed for reading"))
+    def body_pretty(self, notification: PaymentNotification) -> SafeString | str:
+        return _pretty(notification.raw_body)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -10,12 +10,13 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from .wechat import Outcome
 
 out_trade_no_validator = RegexValidator(
-    r"^[A-Za-z0-9_\-|*@]{1,32}\Z", "1-32 characters: letters, digits and _ - | * @ only."
+    r"^[A-Za-z0-9_\-|*@]{1,32}\Z", _("1-32 characters: letters, digits and _ - | * @ only.")
 )
 
 
@@ -28,10 +29,10 @@ class OrderState(models.TextChoices):
     UNKNOWN_TO_WECHAT: WeChat said ORDERNOTEXIST until the retries ran out; it cannot be paid.
     """
 
-    OPEN = "open", "Open (awaiting payment)"
-    CLOSED = "closed", "Closed"
-    PAID = "paid", "Paid"
-    UNKNOWN_TO_WECHAT = "unknown_to_wechat", "Never known to WeChat"
+    OPEN = "open", _("Open (awaiting payment)")
+    CLOSED = "closed", _("Closed")
+    PAID = "paid", _("Paid")
+    UNKNOWN_TO_WECHAT = "unknown_to_wechat", _("Never known to WeChat")
 
 
 # The only state changes there are; each is applied as an UPDATE … WHERE state = <from>.
@@ -45,43 +46,72 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 class Trigger(models.TextChoices):
-    ADMIN = "admin", "Admin action"
-    COMMAND = "command", "close_expired_orders"
-    CODE = "code", "Application code"
+    ADMIN = "admin", _("Admin action")
+    COMMAND = "command", "close_expired_orders"  # the command's name, the same in every language
+    CODE = "code", _("Application code")
+
+
+# Outcome labels for people. wechat/ stays free of Django, so its English `Outcome.label` is translated here;
+# the msgids are the English labels, so an untranslated page reads exactly as before.
+OUTCOME_LABELS: dict[Outcome, Any] = {
+    Outcome.CLOSED: _("closed"),
+    Outcome.ALREADY_CLOSED: _("already closed"),
+    Outcome.PAID: _("paid"),
+    Outcome.NOT_FOUND: _("not found"),
+    Outcome.RETRYABLE_ERROR: _("retryable error"),
+    Outcome.NETWORK_ERROR: _("network error"),
+    Outcome.INVALID_RESPONSE: _("invalid response"),
+    Outcome.CONFIGURATION_ERROR: _("configuration error"),
+    Outcome.CLIENT_BUG: _("client bug"),
+    Outcome.UNTRUSTED_RESPONSE: _("untrusted response"),
+    Outcome.UNEXPECTED_ERROR: _("unexpected error"),
+}
+_OUTCOME_CHOICES = [(outcome.value, OUTCOME_LABELS[outcome]) for outcome in Outcome]
 
 
 class Order(models.Model):
-    merchant = models.CharField(max_length=64, help_text="Key of the merchant in WXPAY_CLOSE['MERCHANTS'].")
-    appid = models.CharField(max_length=32, help_text="Snapshot at creation.")
-    mch_id = models.CharField(max_length=32, help_text="Snapshot at creation.")
-    sub_mch_id = models.CharField(max_length=32, help_text="Snapshot at creation.")
-    sub_appid = models.CharField(max_length=32, blank=True, help_text="Snapshot at creation (institutional mode).")
-    out_trade_no = models.CharField(max_length=32, validators=[out_trade_no_validator])
-    amount = models.PositiveBigIntegerField(null=True, blank=True, help_text="In the currency's minor unit, if known.")
-    currency = models.CharField(max_length=3, blank=True)
-    created_at = models.DateTimeField(default=timezone.now, help_text="When the order was created at WeChat.")
-    payment_deadline = models.DateTimeField(help_text="After this the order is closed if unpaid.")
+    merchant = models.CharField(_("merchant"), max_length=64,
+                                help_text=_("Key of the merchant in WXPAY_CLOSE['MERCHANTS']."))
+    appid = models.CharField(_("appid"), max_length=32, help_text=_("Snapshot at creation."))
+    mch_id = models.CharField(_("mch_id"), max_length=32, help_text=_("Snapshot at creation."))
+    sub_mch_id = models.CharField(_("sub_mch_id"), max_length=32, help_text=_("Snapshot at creation."))
+    sub_appid = models.CharField(_("sub_appid"), max_length=32, blank=True,
+                                 help_text=_("Snapshot at creation (institutional mode)."))
+    out_trade_no = models.CharField(_("out_trade_no"), max_length=32, validators=[out_trade_no_validator])
+    amount = models.PositiveBigIntegerField(_("amount"), null=True, blank=True,
+                                            help_text=_("In the currency's minor unit, if known."))
+    currency = models.CharField(_("currency"), max_length=3, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now,
+                                      help_text=_("When the order was created at WeChat."))
+    payment_deadline = models.DateTimeField(_("payment deadline"),
+                                            help_text=_("After this the order is closed if unpaid."))
 
-    state = models.CharField(max_length=20, choices=OrderState.choices, default=OrderState.OPEN)
-    state_changed_at = models.DateTimeField(null=True, blank=True)
-    closed_at = models.DateTimeField(null=True, blank=True)
-    paid_at = models.DateTimeField(null=True, blank=True)
+    state = models.CharField(_("state"), max_length=20, choices=OrderState.choices, default=OrderState.OPEN)
+    state_changed_at = models.DateTimeField(_("state changed at"), null=True, blank=True)
+    closed_at = models.DateTimeField(_("closed at"), null=True, blank=True)
+    paid_at = models.DateTimeField(_("paid at"), null=True, blank=True)
 
-    attempt_count = models.PositiveIntegerField(default=0, help_text="closeorder exchanges completed.")
-    retry_count = models.PositiveIntegerField(default=0, help_text="Consecutive retryable failures (MAX_ATTEMPTS).")
-    last_attempt_at = models.DateTimeField(null=True, blank=True)
-    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="Empty: due as soon as expired.")
-    last_outcome = models.CharField(max_length=32, blank=True, choices=[(o.value, o.label) for o in Outcome])
-    last_error = models.TextField(blank=True)
+    attempt_count = models.PositiveIntegerField(_("attempt count"), default=0,
+                                                help_text=_("closeorder exchanges completed."))
+    retry_count = models.PositiveIntegerField(_("retry count"), default=0,
+                                              help_text=_("Consecutive retryable failures (MAX_ATTEMPTS)."))
+    last_attempt_at = models.DateTimeField(_("last attempt at"), null=True, blank=True)
+    next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True,
+                                           help_text=_("Empty: due as soon as expired."))
+    last_outcome = models.CharField(_("last outcome"), max_length=32, blank=True, choices=_OUTCOME_CHOICES)
+    last_error = models.TextField(_("last error"), blank=True)
     on_hold = models.BooleanField(
-        default=False, help_text="The sweep leaves it alone until a person acts (untrusted answer, bug, retries spent)."
+        _("on hold"), default=False,
+        help_text=_("The sweep leaves it alone until a person acts (untrusted answer, bug, retries spent)."),
     )
 
-    claim_token = models.UUIDField(null=True, blank=True, editable=False)
-    claim_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
+    claim_expires_at = models.DateTimeField(_("claim expires at"), null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name = _("order")
+        verbose_name_plural = _("orders")
         constraints = [
             models.UniqueConstraint(fields=["mch_id", "sub_mch_id", "out_trade_no"], name="wxpay_close_unique_out_trade_no"),
             models.CheckConstraint(
@@ -132,42 +162,49 @@ class CloseAttempt(models.Model):
     A completed row with no outcome has no answer (`has_no_answer`; `reason` says why: abandoned, or not sent).
     """
 
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts")
-    merchant = models.CharField(max_length=64)
-    mch_id = models.CharField(max_length=32)
-    sub_mch_id = models.CharField(max_length=32)
-    out_trade_no = models.CharField(max_length=32)
-    trigger = models.CharField(max_length=10, choices=Trigger.choices)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    actor = models.CharField(max_length=150, blank=True, help_text="Username at the time; survives the user.")
-    url = models.CharField(max_length=300, help_text="The URL that answered, or the last one tried.")
-    failed_over_from = models.CharField(max_length=300, blank=True)
-    sign_type = models.CharField(max_length=16)
-    request_xml = models.TextField(help_text="The exact body sent (holds the signature, never the key).")
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts", verbose_name=_("order"))
+    merchant = models.CharField(_("merchant"), max_length=64)
+    mch_id = models.CharField(_("mch_id"), max_length=32)
+    sub_mch_id = models.CharField(_("sub_mch_id"), max_length=32)
+    out_trade_no = models.CharField(_("out_trade_no"), max_length=32)
+    trigger = models.CharField(_("trigger"), max_length=10, choices=Trigger.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+", verbose_name=_("user"))
+    actor = models.CharField(_("actor"), max_length=150, blank=True,
+                             help_text=_("Username at the time; survives the user."))
+    url = models.CharField(_("URL"), max_length=300, help_text=_("The URL that answered, or the last one tried."))
+    failed_over_from = models.CharField(_("failed over from"), max_length=300, blank=True)
+    sign_type = models.CharField(_("sign_type"), max_length=16)
+    request_xml = models.TextField(_("request XML"),
+                                   help_text=_("The exact body sent (holds the signature, never the key)."))
 
-    started_at = models.DateTimeField(default=timezone.now)
-    completed_at = models.DateTimeField(null=True, blank=True)
-    duration_ms = models.PositiveIntegerField(null=True, blank=True)
-    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    response_body = models.TextField(blank=True, help_text="Raw body, capped; undecodable bytes escaped.")
-    return_code = models.CharField(max_length=16, blank=True)
-    return_msg = models.CharField(max_length=128, blank=True)
-    result_code = models.CharField(max_length=16, blank=True)
-    err_code = models.CharField(max_length=32, blank=True)
-    err_code_des = models.CharField(max_length=128, blank=True)
-    signature_verified = models.BooleanField(null=True, blank=True)
-    outcome = models.CharField(max_length=32, blank=True, choices=[(o.value, o.label) for o in Outcome])
-    reason = models.TextField(blank=True)
+    started_at = models.DateTimeField(_("started at"), default=timezone.now)
+    completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(_("duration (ms)"), null=True, blank=True)
+    http_status = models.PositiveSmallIntegerField(_("HTTP status"), null=True, blank=True)
+    response_body = models.TextField(_("response body"), blank=True,
+                                     help_text=_("Raw body, capped; undecodable bytes escaped."))
+    return_code = models.CharField(_("return_code"), max_length=16, blank=True)
+    return_msg = models.CharField(_("return_msg"), max_length=128, blank=True)
+    result_code = models.CharField(_("result_code"), max_length=16, blank=True)
+    err_code = models.CharField(_("err_code"), max_length=32, blank=True)
+    err_code_des = models.CharField(_("err_code_des"), max_length=128, blank=True)
+    signature_verified = models.BooleanField(_("signature verified"), null=True, blank=True)
+    outcome = models.CharField(_("outcome"), max_length=32, blank=True, choices=_OUTCOME_CHOICES)
+    reason = models.TextField(_("reason"), blank=True)
 
     objects = CloseAttemptQuerySet.as_manager()
 
     class Meta:
         ordering = ["-started_at", "-id"]
+        verbose_name = _("close attempt")
+        verbose_name_plural = _("close attempts")
         indexes = [models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx")]
 
     def __str__(self) -> str:
-        status = self.outcome or ("no answer" if self.has_no_answer else "unfinished")
-        return f"closeorder {self.out_trade_no} at {self.started_at:%Y-%m-%d %H:%M:%S}: {status}"
+        status = self.outcome or (gettext("no answer") if self.has_no_answer else gettext("unfinished"))
+        return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
+            "out_trade_no": self.out_trade_no, "started": f"{self.started_at:%Y-%m-%d %H:%M:%S}", "status": status}
 
     @property
     def is_finished(self) -> bool:
@@ -257,7 +294,9 @@ class PaymentNotification(models.Model):
         indexes = [models.Index(fields=["verdict", "received_at"], name="wxpay_notif_verdict_idx")]
 
     def __str__(self) -> str:
-        return f"notification {self.out_trade_no or '?'} at {self.received_at:%Y-%m-%d %H:%M:%S}: {self.verdict}"
+        return gettext("notification %(out_trade_no)s at %(received)s: %(verdict)s") % {
+            "out_trade_no": self.out_trade_no or "?", "received": f"{self.received_at:%Y-%m-%d %H:%M:%S}",
+            "verdict": self.verdict}
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self._state.adding:

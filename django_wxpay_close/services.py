@@ -86,7 +86,7 @@ class CloseAction(str, Enum):
 
     @property
     def label(self) -> str:
-        return _ACTION_LABELS[self]
+        return str(_ACTION_LABELS[self])
 
     def counted(self, count: int) -> str:
         """'1 was already paid', '2 were already paid': the label with its count, grammatical in each language."""

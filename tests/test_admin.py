@@ -11,8 +11,9 @@ from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import dateformat, timezone
 
+from django_wxpay_close.admin import pretty_xml
 from django_wxpay_close.models import CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import CloseAction, close_order, sweep_expired_orders
 from django_wxpay_close.testing import API_KEY, Fault
@@ -255,7 +256,7 @@ def test_the_order_page_shows_the_audit_trail_newest_first_and_never_the_api_key
     assert "Audit trail (newest first)" in page
     newest, oldest = (page.index(f"/closeattempt/{attempt.pk}/change/") for attempt in (second, first))
     assert newest < oldest
-    assert "&lt;out_trade_no&gt;TWICE&lt;/out_trade_no&gt;" in page  # the request XML, escaped and pretty-printed
+    assert "&lt;out_trade_no&gt;TWICE&lt;/out_trade_no&gt;" in page  # the request XML, escaped
     assert API_KEY not in page
 
 
@@ -348,3 +349,86 @@ def test_lifting_the_hold_of_selected_orders_lets_the_next_sweep_close_them(admi
     assert set(Order.objects.filter(pk__in=[o.pk for o in held]).values_list("state", "retry_count")) == {
         (OrderState.CLOSED, 0)}
     assert Order.objects.get(pk=untouched.pk).on_hold
+
+
+# -- what the pages show, and how -----------------------------------------------------------------------------
+
+
+def changelist_row(client: Client, order: Order) -> str:
+    page = client.get(reverse(CHANGELIST)).content.decode()
+    start = page.index(f"/order/{order.pk}/change/")
+    return page[start:page.index("</tr>", start)]
+
+
+def test_the_list_says_overdue_in_words_in_the_state_badge(admin_client, make_order):
+    overdue = make_order("LATE")
+    waiting = make_order("WAITING", expired_for=timedelta(minutes=-20))
+    held = make_order("HELD", on_hold=True)
+
+    assert ">overdue</span>" in changelist_row(admin_client, overdue)
+    assert ">awaiting payment</span>" in changelist_row(admin_client, waiting)
+    assert ">overdue · on hold</span>" in changelist_row(admin_client, held)
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "icon-yes.svg" not in page and "icon-no.svg" not in page  # no tick or cross to decode
+
+
+def test_a_terminal_order_shows_no_next_attempt(admin_client, make_order):
+    stale = timezone.now() + timedelta(minutes=5)
+    order = make_order(state=OrderState.CLOSED, closed_at=timezone.now(), next_attempt_at=stale)
+    stamp = timezone.localtime(stale).strftime("%Y-%m-%d")
+
+    row = changelist_row(admin_client, order)
+    assert row.rstrip().endswith('<td class="field-next_attempt">—</td>'), row
+    assert stamp + '</span> <span class="wxpay-nowrap">' + timezone.localtime(stale).strftime("%H:%M:%S") not in row
+    page = order_page(admin_client, order)
+    next_attempt = page[page.index("field-next_attempt_at_when"):]
+    assert '<div class="readonly">—</div>' in next_attempt[:600]
+
+
+def test_the_list_and_the_order_page_format_every_date_one_way(admin_client, make_order):
+    order = make_order()
+    deadline = timezone.localtime(order.payment_deadline)
+
+    row = changelist_row(admin_client, order)
+    assert (f'<span class="wxpay-nowrap">{deadline:%Y-%m-%d}</span> '
+            f'<span class="wxpay-nowrap">{deadline:%H:%M:%S %Z}</span>') in row
+    page = order_page(admin_client, order)
+    assert f"{deadline:%Y-%m-%d}</span> <span" in page and f"{deadline:%H:%M:%S %Z}" in page
+    # Django's own format ("Dec. 1, 2026, 8:13 p.m.") appears nowhere
+    assert dateformat.format(deadline, "N j, Y") not in page
+
+
+def test_the_view_only_pages_offer_a_way_back_not_a_close_button(admin_client, make_order, attempt):
+    order = make_order()
+    attempt_page = reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk])
+    pages = [order_page(admin_client, order), admin_client.get(attempt_page).content.decode()]
+
+    for page in pages:
+        assert 'class="closelink">Back to the list of ' in page
+        assert ">Close</a>" not in page
+
+
+def test_the_exact_bytes_are_shown_as_stored_and_the_pretty_print_apart(admin_client, attempt):
+    page = admin_client.get(reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk])).content.decode()
+    escaped = attempt.request_xml.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    assert f'<pre class="wxpay-exact">{escaped}</pre>' in page
+    pretty = pretty_xml(attempt.request_xml).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert pretty != escaped and f'<pre class="wxpay-pretty">{pretty}</pre>' in page
+    assert "pretty-printed for reading (not the bytes sent)" in page
+    order_page_html = order_page(admin_client, attempt.order)
+    assert f'<pre class="wxpay-exact">{escaped}</pre>' in order_page_html  # the trail shows the bytes too
+    assert "django_wxpay_close/admin.css" in order_page_html  # the stylesheet that wraps them
+
+
+def test_the_pages_work_with_use_tz_false(admin_client, make_order, settings):
+    settings.USE_TZ = False
+    order = make_order(on_hold=True, claim_expires_at=None)
+    order.refresh_from_db()
+    assert timezone.is_naive(order.payment_deadline)
+
+    page = order_page(admin_client, order)
+    # Naive datetimes are shown as they are (the database holds local time), without a time zone name.
+    deadline = order.payment_deadline
+    assert f'{deadline:%Y-%m-%d}</span> <span class="wxpay-nowrap">{deadline:%H:%M:%S}</span>' in page
+    assert admin_client.get(reverse(CHANGELIST)).status_code == 200

@@ -1,9 +1,11 @@
-"""The admin action end to end in headless Chromium (Playwright), against Django's live server and the simulator.
+"""The admin in headless Chromium (Playwright), against Django's live server and the simulator: the action end to
+end, and the layout at 1440 px (nothing wider than the window, the navigation at the top) in English and Chinese.
 
-Needs `pip install playwright` and Debian's `chromium` (no `playwright install`: the system browser is used).
-Skipped with the reason when either is missing, except under CI=true, where that is a failure. It takes
-screenshots of the confirmation and order pages; with WXPAY_UPDATE_SCREENSHOTS=1 it writes them over the
-ones in docs/img/ that the README embeds (`WXPAY_UPDATE_SCREENSHOTS=1 scripts/test -m browser`).
+Needs `pip install playwright` and Debian's `chromium` (no `playwright install`: the system browser is used), and
+for the Chinese pages a CJK font (Debian's fonts-noto-cjk). Skipped with the reason when Playwright or Chromium is
+missing, except under CI=true, where that is a failure. It takes screenshots of the order list, the confirmation
+and order pages; with WXPAY_UPDATE_SCREENSHOTS=1 it writes them over the ones in docs/img/ that the README embeds
+(`WXPAY_UPDATE_SCREENSHOTS=1 scripts/test -m browser`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Any
 
 import pytest
 from django.db import connections
+from django.utils import timezone
 
 from django_wxpay_close.models import Order, OrderState
+from django_wxpay_close.services import close_order
 from django_wxpay_close.testing import Fault
+from django_wxpay_close.testing import OrderState as RemoteState
 
 pytestmark = pytest.mark.browser
 
@@ -119,11 +124,101 @@ def test_an_operator_closes_expired_orders_through_the_confirmation_page(page, l
     assert message(page) == "1 closed."
     assert Order.objects.get(out_trade_no="EXPIRED-1").state == OrderState.CLOSED
 
-    page.click("#result_list a:text-is('EXPIRED-1')")
+    page.click("#result_list a:has-text('EXPIRED-1')")
     page.wait_for_selector(".wxpay-story")
     trail = page.locator(".inline-group", has_text="Audit trail (newest first)")
     assert trail.locator("tbody tr", has=page.locator("a[href*='/closeattempt/']")).count() == 2
     assert "Closed at " in page.locator(".wxpay-story").inner_text()
     trail.locator("details summary").first.click()  # show the newest exchange's XML in the screenshot
+    page.evaluate("() => window.scrollTo(0, 0)")  # the sticky navigation sidebar at the top, where it belongs
     page.screenshot(path=str(screenshots / "order-page.png"), full_page=True)
     assert (screenshots / "order-page.png").stat().st_size > 10_000
+
+
+# -- the layout at 1440 px ------------------------------------------------------------------------------------
+
+WIDTH = 1440
+
+# The page's own width against the window's, and where Django's header, navigation sidebar and content start.
+LAYOUT_JS = """() => {
+    const top = (selector) => {
+        const element = document.querySelector(selector);
+        return element ? element.getBoundingClientRect().top + window.scrollY : null;
+    };
+    return {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+            header: top("#header"), nav: top("#nav-sidebar"), content: top("#content")};
+}"""
+
+
+def assert_fits(page: Any, where: str) -> None:
+    # From the top: Django's navigation sidebar is sticky, so after a scroll it is rightly further down the page.
+    page.evaluate("() => window.scrollTo(0, 0)")
+    layout = page.evaluate(LAYOUT_JS)
+    assert layout["innerWidth"] == WIDTH, layout
+    assert layout["scrollWidth"] <= layout["innerWidth"], f"{where} is wider than the window: {layout}"
+    assert layout["header"] == 0, f"{where}: the header is not at the top: {layout}"
+    # The sidebar and the content start together, right under the header and the breadcrumbs.
+    assert layout["nav"] is not None and layout["nav"] < 150, f"{where}: the navigation is not at the top: {layout}"
+    assert layout["content"] < 200, f"{where}: the content is pushed down: {layout}"
+
+
+def a_busy_order_list(make_order: Any, simulator: Any) -> Order:
+    """Orders in every state, with the longest texts each column shows; returns one closed at the second try."""
+    now = timezone.now()
+    for index in range(3):
+        make_order(f"EXPIRED-20260501-{index:04d}")
+    make_order("WAITING-20260501-0001", expired_for=timedelta(minutes=-20))
+    make_order("RETRYING-20260501-0001", attempt_count=1, retry_count=1, last_outcome="retryable_error",
+               last_error="SYSTEMERROR: system error", next_attempt_at=now + timedelta(minutes=4))
+    make_order("ON-HOLD-20260501-0001", on_hold=True, retry_count=3, attempt_count=3, last_outcome="untrusted_response",
+               last_error="SUCCESS body whose signature does not verify with the configured key and sign type")
+    make_order("PAID-20260501-0001", state=OrderState.PAID, paid_at=now, attempt_count=1, last_outcome="paid",
+               last_error="ORDERPAID: order paid", next_attempt_at=now + timedelta(minutes=5))
+    make_order("CLOSED-20260501-0001", state=OrderState.CLOSED, closed_at=now, attempt_count=1, last_outcome="closed")
+    make_order("2026050112345678901234567890ABCD", state=OrderState.UNKNOWN_TO_WECHAT, attempt_count=3,
+               last_outcome="not_found", last_error="ORDERNOTEXIST: order does not exist",
+               next_attempt_at=now + timedelta(minutes=5))
+    busy = make_order("TWO-EXCHANGES-0001", remote=RemoteState.NOTPAY)
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=busy.out_trade_no)
+    close_order(busy)
+    busy.refresh_from_db()
+    close_order(busy)
+    busy.refresh_from_db()
+    return busy
+
+
+def open_order_page_with_xml(page: Any, base_url: str, order: Order) -> None:
+    page.goto(f"{base_url}{CHANGELIST}{order.pk}/change/")
+    page.wait_for_selector(".wxpay-story")
+    page.locator(".inline-group details.wxpay-xml summary").first.click()  # the newest exchange's XML
+    page.wait_for_selector(".inline-group details.wxpay-xml[open] pre.wxpay-exact")
+
+
+@pytest.mark.parametrize("language", ["en", "zh-hans", "zh-hant"])
+def test_the_order_list_and_an_order_page_fit_a_1440_px_screen(page, live_server, admin_user, make_order, simulator,
+                                                                screenshots, language):
+    order = a_busy_order_list(make_order, simulator)
+    page.context.set_extra_http_headers({"Accept-Language": language})
+    log_in(page, live_server.url)
+
+    page.goto(f"{live_server.url}{CHANGELIST}")
+    page.wait_for_selector("#result_list")
+    assert_fits(page, f"the order list ({language})")
+    headings = page.locator("#result_list thead th").all_inner_texts()
+    expected = {"en": "STATE", "zh-hans": "状态", "zh-hant": "狀態"}[language]
+    assert expected in [heading.strip().upper() for heading in headings], headings
+    # Every column is on screen: the table needs no horizontal scrolling inside its own box either.
+    results = page.evaluate("() => { const box = document.querySelector('#changelist .results'); "
+                            "return [box.scrollWidth, box.clientWidth]; }")
+    assert results[0] <= results[1], f"the order list scrolls sideways in its box: {results}"
+    if language == "en":
+        page.screenshot(path=str(screenshots / "order-list.png"), full_page=True)
+
+    open_order_page_with_xml(page, live_server.url, order)
+    assert_fits(page, f"the order page with its XML open ({language})")
+    exact = page.locator(".inline-group details.wxpay-xml[open] pre.wxpay-exact").first.inner_text()
+    assert exact == order.close_attempts.order_by("-started_at", "-id").first().request_xml  # byte for byte
+    assert page.locator("a.closelink").count() == 1
+    assert page.locator("a.closelink").inner_text().strip() != "Close"
+    if language == "zh-hans":
+        page.screenshot(path=str(screenshots / "order-page-zh-hans.png"), full_page=True)

@@ -21,12 +21,14 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils.translation import gettext, ngettext, pgettext
 
 from django_wxpay_close.conf import MAX_WORKERS
 from django_wxpay_close.selectors import orders_waiting_for_retry
@@ -70,34 +72,59 @@ def _bounded(maximum: int) -> Any:
             raise ValueError(f"must be at most {maximum}")
         return value
 
-    parse.__name__ = f"a whole number from 1 to {maximum}"  # what argparse names in its error
+    # What argparse names in its error; built when the parser is, so in the command's language.
+    parse.__name__ = gettext("a whole number from 1 to %(maximum)d") % {"maximum": maximum}
     return parse
 
 
+def _width(text: str) -> int:
+    """Terminal columns: a Chinese character takes two, so the table stays aligned in every language."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
+def _ljust(text: str, width: int) -> str:
+    return text + " " * max(width - _width(text), 0)
+
+
+def _rjust(text: str, width: int) -> str:
+    return " " * max(width - _width(text), 0) + text
+
+
 class Command(BaseCommand):
-    help = (
-        "Close open WeChat Pay orders whose payment window has passed. Safe to run from several hosts "
-        "at once. Exit status: 0 fine, 1 unexpected failure, 3 configuration error, 4 orders need a person, "
-        "5 database unavailable, 6 WeChat unreachable."
-    )
+    @property
+    def help(self) -> str:  # type: ignore[override]
+        # A property, not a lazy string: argparse runs regular expressions over it, which a lazy proxy fails.
+        # Evaluated when the parser is built, so in the command's language (LANGUAGE_CODE).
+        return gettext(
+            "Close open WeChat Pay orders whose payment window has passed. Safe to run from several hosts "
+            "at once. Exit status: 0 fine, 1 unexpected failure, 3 configuration error, 4 orders need a person, "
+            "5 database unavailable, 6 WeChat unreachable."
+        )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--dry-run", action="store_true", help="List the orders that are due; send nothing.")
-        parser.add_argument("--limit", type=_positive_int, help="Close at most this many orders in this run.")
-        parser.add_argument("--batch-size", type=_positive_int, help="Orders a dry run reads per query.")
+        # argparse %-formats help texts: a literal percent sign would have to be written %%.
+        parser.add_argument("--dry-run", action="store_true",
+                            help=gettext("List the orders that are due; send nothing."))
+        parser.add_argument("--limit", type=_positive_int, help=gettext("Close at most this many orders in this run."))
+        parser.add_argument("--batch-size", type=_positive_int, help=gettext("Orders a dry run reads per query."))
         parser.add_argument("--workers", type=_bounded(MAX_WORKERS),
-                            help=f"Worker threads, each closing one order at a time (1 to {MAX_WORKERS}).")
+                            help=gettext("Worker threads, each closing one order at a time (1 to %(maximum)d).")
+                            % {"maximum": MAX_WORKERS})
         parser.add_argument("--processes", type=_bounded(MAX_PROCESSES), default=1,
-                            help=f"Sweeper processes sharing the backlog, each with --workers threads (1 to {MAX_PROCESSES}).")
+                            help=gettext("Sweeper processes sharing the backlog, each with --workers threads "
+                                         "(1 to %(maximum)d).") % {"maximum": MAX_PROCESSES})
         parser.add_argument("--merchant", action="append", dest="merchants", metavar="NAME",
-                            help="Only this merchant (a key of WXPAY_CLOSE['MERCHANTS']); repeatable.")
+                            help=gettext("Only this merchant (a key of WXPAY_CLOSE['MERCHANTS']); repeatable."))
         parser.add_argument("--older-than", type=parse_duration, metavar="DURATION",
-                            help="Only orders whose deadline passed at least this long ago (90s, 30m, 2h, 1d).")
-        parser.add_argument("--json", action="store_true", help="Print the summary as JSON (nothing else on stdout).")
+                            help=gettext("Only orders whose deadline passed at least this long ago "
+                                         "(90s, 30m, 2h, 1d)."))
+        parser.add_argument("--json", action="store_true",
+                            help=gettext("Print the summary as JSON (nothing else on stdout)."))
         parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                            help="auto: a bar on a terminal (needs tqdm), periodic lines otherwise.")
+                            help=gettext("auto: a bar on a terminal (needs tqdm), periodic lines otherwise."))
         parser.add_argument("--no-fail-on-error", dest="fail_on_error", action="store_false",
-                            help="Exit 0 even when something needs attention (not when the database is unavailable).")
+                            help=gettext("Exit 0 even when something needs attention (not when the database is "
+                                         "unavailable)."))
 
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity = options["verbosity"]
@@ -126,9 +153,11 @@ class Command(BaseCommand):
             self._print_table(summary)
         status = summary["exit_status"]
         if status == EXIT_DATABASE:
-            raise CommandError(f"close_expired_orders stopped: {summary['database_error']}", returncode=status)
+            raise CommandError(gettext("close_expired_orders stopped: %(error)s")
+                               % {"error": summary["database_error"]}, returncode=status)
         if status and options["fail_on_error"]:
-            raise CommandError(f"close_expired_orders finished with problems: {summary['problems']}", returncode=status)
+            raise CommandError(gettext("close_expired_orders finished with problems: %(problems)s")
+                               % {"problems": summary["problems"]}, returncode=status)
 
     def _run_processes(self, options: dict[str, Any]) -> dict[str, Any]:
         """N copies of this command (`--processes 1 --json`), sharing the backlog through the claim protocol."""
@@ -158,49 +187,64 @@ class Command(BaseCommand):
                 summaries.append(json.loads(out))
             except ValueError:
                 summaries.append({"exit_status": child.returncode or EXIT_FAILED,
-                                  "problems": f"a sweeper process exited with status {child.returncode}"})
+                                  "problems": gettext("a sweeper process exited with status %(status)s")
+                                  % {"status": child.returncode}})
         return merge_summaries(summaries)
 
     def _print_table(self, summary: dict[str, Any]) -> None:
         if summary["dry_run"]:
-            self.stdout.write(f"Dry run: {summary['total']} orders are due for closing; nothing was sent.")
+            self.stdout.write(ngettext("Dry run: %(count)d order is due for closing; nothing was sent.",
+                                       "Dry run: %(count)d orders are due for closing; nothing was sent.",
+                                       summary["total"]) % {"count": summary["total"]})
             return
         by_merchant: dict[str, dict[str, int]] = summary["by_merchant"]
         merchants = sorted(by_merchant)
         actions = [action for action in CloseAction if summary["by_action"].get(action.value)]
-        processes = f" by {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
-        self.stdout.write(f"Swept {summary['total']} orders in {summary['seconds']:.1f}s{processes}: {summary['sentence']}")
+        processes = ngettext(" by %(count)d process", " by %(count)d processes", summary["processes"]) % {
+            "count": summary["processes"]} if summary.get("processes", 1) > 1 else ""
+        self.stdout.write(ngettext("Swept %(count)d order in %(seconds).1fs%(processes)s: %(sentence)s",
+                                   "Swept %(count)d orders in %(seconds).1fs%(processes)s: %(sentence)s",
+                                   summary["total"])
+                          % {"count": summary["total"], "seconds": summary["seconds"], "processes": processes,
+                             "sentence": summary["sentence"]})
         if summary.get("database_error"):
-            self.stderr.write(self.style.ERROR(f"Stopped: {summary['database_error']}"))
+            self.stderr.write(self.style.ERROR(gettext("Stopped: %(error)s") % {"error": summary["database_error"]}))
         if summary["stopped_early"]:
-            self.stderr.write(self.style.ERROR(f"Stopped early: {summary['stopped_early']}"))
+            self.stderr.write(self.style.ERROR(gettext("Stopped early: %(reason)s")
+                                               % {"reason": summary["stopped_early"]}))
         if not actions:
             waiting = orders_waiting_for_retry()
             if waiting["count"]:
-                self.stdout.write(f"{waiting['count']} overdue orders wait for a retry; the next is due at "
-                                  f"{waiting['next_at']:%Y-%m-%d %H:%M:%S %Z}.")
+                self.stdout.write(ngettext(
+                    "%(count)d overdue order waits for a retry; the next is due at %(when)s.",
+                    "%(count)d overdue orders wait for a retry; the next is due at %(when)s.", waiting["count"],
+                ) % {"count": waiting["count"], "when": f"{waiting['next_at']:%Y-%m-%d %H:%M:%S %Z}".rstrip()})
             return
         # One row per outcome, one column per merchant, totals last: readable in a terminal and in a cron mail.
-        first = max(len("outcome"), *(len(a.value) for a in actions))
+        # The rows are the actions' codes (as in --json); only the two headings are words.
+        outcome_heading, total_heading = gettext("outcome"), gettext("total")
+        first = max(_width(outcome_heading), _width(total_heading), *(len(a.value) for a in actions))
         widths = [max(len(m), 5) for m in merchants]
 
         def cells(label: str, values: list[Any], total: Any) -> str:
-            return label.ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(values, widths)) + f"  {total:>7}"
+            row = "".join(f"  {_rjust(str(v), w)}" for v, w in zip(values, widths, strict=True))
+            return _ljust(label, first) + row + f"  {_rjust(str(total), 7)}"
 
-        self.stdout.write(self.style.MIGRATE_HEADING(cells("outcome", merchants, "total")))
+        self.stdout.write(self.style.MIGRATE_HEADING(cells(outcome_heading, merchants, total_heading)))
         for action in actions:
             line = cells(action.value, [by_merchant[m].get(action.value, 0) for m in merchants],
                          summary["by_action"][action.value])
             self.stdout.write(self.style.ERROR(line) if action.is_alarm else line)
         totals = [sum(by_merchant[m].values()) for m in merchants]
-        self.stdout.write(cells("total", totals, summary["total"]))
+        self.stdout.write(cells(total_heading, totals, summary["total"]))
         reasons = [r for r in summary["reasons"] if r["reason"] and r["action"] != CloseAction.CLOSED.value]
         if reasons:
-            self.stdout.write("Not closed, and why:")
+            self.stdout.write(gettext("Not closed, and why:"))
             for row in reasons:
                 self.stdout.write(f"  {row['count']:>6}  {row['action']:<{first}}  {row['reason']}")
         for merchant, reason in sorted(summary["halted_merchants"].items()):
-            self.stderr.write(self.style.ERROR(f"Merchant {merchant!r} halted for this run: {reason}"))
+            self.stderr.write(self.style.ERROR(gettext("Merchant %(merchant)r halted for this run: %(reason)s")
+                                               % {"merchant": merchant, "reason": reason}))
 
 
 def exit_status(by_action: dict[str, int], *, database_error: str, stopped_early: str) -> int:
@@ -286,7 +330,9 @@ def _completed(summary: dict[str, Any]) -> dict[str, Any]:
     status = exit_status(summary["by_action"], database_error=summary["database_error"],
                          stopped_early=summary["stopped_early"])
     alarms = [CloseAction(a).counted(n) for a, n in summary["by_action"].items() if n and CloseAction(a).is_alarm]
-    problems = ", ".join(alarms + ([f"stopped early ({summary['stopped_early']})"] if summary["stopped_early"] else []))
+    stopped = [gettext("stopped early (%(reason)s)") % {"reason": summary["stopped_early"]}] \
+        if summary["stopped_early"] else []
+    problems = pgettext("list separator", ", ").join(alarms + stopped)
     return {**summary, "exit_status": status, "problems": problems, "ok": status == 0}
 
 
@@ -311,7 +357,7 @@ class _Progress:
         self.started = time.monotonic()
         self.last_line = self.started
         self.lock = threading.Lock()
-        self.bar = tqdm(unit=" orders", desc="closing", file=_Unended(command.stdout),
+        self.bar = tqdm(unit=gettext(" orders"), desc=gettext("closing"), file=_Unended(command.stdout),
                         dynamic_ncols=True) if self.mode == "bar" else None
 
     def update(self, result: OrderCloseResult) -> None:
@@ -336,7 +382,9 @@ class _Progress:
         # Cron logs often carry no timestamps of their own.
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.command.stdout.write(
-            f"{stamp} progress: {self.done} orders handled, {self.closed} closed, {self.done / elapsed:.1f}/s"
+            ngettext("%(stamp)s progress: %(done)d order handled, %(closed)d closed, %(rate).1f/s",
+                     "%(stamp)s progress: %(done)d orders handled, %(closed)d closed, %(rate).1f/s", self.done)
+            % {"stamp": stamp, "done": self.done, "closed": self.closed, "rate": self.done / elapsed}
         )
 
 

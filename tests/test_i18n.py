@@ -1,0 +1,193 @@
+"""Translations: the admin and the command in Simplified and Traditional Chinese, and catalogues that are complete
+and compiled.
+
+The admin follows Accept-Language (the example project enables LocaleMiddleware) or, without one, LANGUAGE_CODE.
+"""
+
+from __future__ import annotations
+
+import ast
+import gettext
+import re
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+from django.utils import translation
+
+import django_wxpay_close
+from django_wxpay_close.models import Order
+from django_wxpay_close.services import close_order
+from django_wxpay_close.testing import Fault
+
+LOCALE = Path(django_wxpay_close.__file__).resolve().parent / "locale"
+LANGUAGES = {"zh-hans": "zh_Hans", "zh-hant": "zh_Hant"}  # language code -> locale directory
+CHANGELIST = "admin:django_wxpay_close_order_changelist"
+
+# A few labels per language: the action, a column heading, a state badge, a filter's state label, the inline's
+# title, a sentence of the order's story, the way back to the list.
+EXPECTED = {
+    "zh-hans": {"action": "关闭所选订单", "column": "商户订单号", "badge": "已逾期", "state": "进行中（待支付）",
+                "trail": "审计记录（最新的在前）", "story": "已于 ", "back": "返回订单列表",
+                "dry_run": "试运行：有 1 笔订单到期待关闭；未发送任何请求。"},
+    "zh-hant": {"action": "關閉所選訂單", "column": "商戶訂單號", "badge": "已逾期", "state": "進行中（待付款）",
+                "trail": "稽核紀錄（最新的在前）", "story": "已於 ", "back": "返回訂單列表",
+                "dry_run": "試執行：有 1 筆訂單到期待關閉；未發送任何請求。"},
+}
+
+
+@pytest.fixture
+def closed_after_a_retry(make_order: Any, simulator: Any) -> Order:
+    """An order with two exchanges in its audit trail: SYSTEMERROR, then closed."""
+    order = make_order("I18N-1")
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+    close_order(order)
+    order.refresh_from_db()
+    close_order(order)
+    order.refresh_from_db()
+    return order
+
+
+def get(client: Client, url: str, language: str) -> str:
+    response = client.get(url, HTTP_ACCEPT_LANGUAGE=language)
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_the_order_list_is_translated(admin_client, make_order, language):
+    make_order("LATE-1")
+    expected = EXPECTED[language]
+
+    page = get(admin_client, reverse(CHANGELIST), language)
+
+    assert f'<html lang="{language}"' in page
+    assert f">{expected['action']}</option>" in page
+    assert f">{expected['column']}</a>" in page  # the sortable column heading
+    assert f">{expected['badge']}</span>" in page
+    assert expected["state"] in page  # the state filter
+    assert "Close selected orders" not in page and "awaiting payment" not in page
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_an_order_page_with_its_exchanges_is_translated(admin_client, closed_after_a_retry, language):
+    expected = EXPECTED[language]
+    url = reverse("admin:django_wxpay_close_order_change", args=[closed_after_a_retry.pk])
+
+    page = get(admin_client, url, language)
+
+    assert expected["trail"] in page
+    assert expected["story"] in page and "Closed at " not in page
+    assert f'class="closelink">{expected["back"]}</a>' in page
+    assert "SYSTEMERROR" in page  # WeChat's own codes stay as WeChat sent them
+
+
+def test_language_code_decides_without_accept_language(admin_client, make_order, settings):
+    settings.LANGUAGE_CODE = "zh-hans"
+    make_order()
+
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+
+    assert EXPECTED["zh-hans"]["action"] in page
+
+
+def test_english_is_unchanged_for_an_english_browser(admin_client, make_order):
+    make_order()
+
+    page = get(admin_client, reverse(CHANGELIST), "en-US,en;q=0.9")
+
+    assert ">Close selected orders</option>" in page and ">overdue</span>" in page
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_the_command_prints_in_the_active_language(make_order, language):
+    make_order()
+    out = StringIO()
+
+    with translation.override(language):
+        call_command("close_expired_orders", "--dry-run", "--progress", "none", stdout=out)
+
+    assert out.getvalue().splitlines()[-1] == EXPECTED[language]["dry_run"]
+
+
+# -- the catalogues ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    context: str | None
+    msgid: str
+    plural: str | None
+    strings: list[str]  # msgstr, or msgstr[0..n]
+    flags: set[str]
+
+
+def read_po(path: Path) -> tuple[dict[str, str], list[Entry]]:
+    """The header's fields and the entries of a .po file (without the header; obsolete entries would fail)."""
+    entries: list[Entry] = []
+    for block in path.read_text(encoding="utf-8").strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        flags: set[str] = set()
+        current = None
+        for line in block.splitlines():
+            if line.startswith("#,"):
+                flags |= {flag.strip() for flag in line[2:].split(",")}
+            elif line.startswith("#~"):
+                raise AssertionError(f"{path}: obsolete entry left in: {block!r}")
+            elif line.startswith("#"):
+                continue
+            elif line.startswith('"'):
+                fields[current] += ast.literal_eval(line)
+            else:
+                keyword, _, value = line.partition(" ")
+                current = keyword
+                fields[current] = ast.literal_eval(value)
+        strings = [fields[key] for key in sorted(fields) if key.startswith("msgstr")]
+        entries.append(Entry(fields.get("msgctxt"), fields["msgid"], fields.get("msgid_plural"), strings, flags))
+    header, *rest = entries
+    assert header.msgid == "", f"{path} does not start with its header"
+    assert "fuzzy" not in header.flags, f"{path}: the header is fuzzy (gettext would ignore the catalogue's charset)"
+    meta = dict(line.split(": ", 1) for line in header.strings[0].splitlines() if ": " in line)
+    return meta, rest
+
+
+def placeholders(text: str) -> list[str]:
+    return sorted(re.findall(r"%\((\w+)\)", text))
+
+
+@pytest.mark.parametrize("directory", LANGUAGES.values())
+def test_every_message_is_translated_and_none_is_fuzzy(directory):
+    meta, entries = read_po(LOCALE / directory / "LC_MESSAGES" / "django.po")
+
+    assert meta["Plural-Forms"] == "nplurals=1; plural=0;"  # Chinese has one form
+    assert meta["Language"] == directory
+    assert len(entries) > 200
+    assert [e.msgid for e in entries if "fuzzy" in e.flags] == []
+    assert [e.msgid for e in entries if not all(e.strings) or len(e.strings) != 1] == []
+    # A translation that drops or renames a %(name)s placeholder raises KeyError (or loses a fact) at run time.
+    assert [e.msgid for e in entries if placeholders(e.msgid) != placeholders(e.strings[0])
+            and placeholders(e.plural or "") != placeholders(e.strings[0])] == []
+
+
+@pytest.mark.parametrize("directory", LANGUAGES.values())
+def test_the_compiled_catalogues_match_the_po_files(directory):
+    """The committed .mo says what the .po says: run `django-admin compilemessages` after editing a .po."""
+    _meta, entries = read_po(LOCALE / directory / "LC_MESSAGES" / "django.po")
+    with open(LOCALE / directory / "LC_MESSAGES" / "django.mo", "rb") as stream:
+        compiled = gettext.GNUTranslations(stream)
+
+    stale = []
+    for entry in entries:
+        if entry.plural is not None:
+            found = compiled.npgettext(entry.context, entry.msgid, entry.plural, 2) if entry.context \
+                else compiled.ngettext(entry.msgid, entry.plural, 2)
+        else:
+            found = compiled.pgettext(entry.context, entry.msgid) if entry.context else compiled.gettext(entry.msgid)
+        if found != entry.strings[0]:
+            stale.append((entry.msgid, found, entry.strings[0]))
+    assert stale == []
