@@ -15,6 +15,7 @@ from xml.parsers.expat import ExpatError
 from defusedxml import minidom as safe_minidom
 from defusedxml.common import DefusedXmlException
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models import Model, Q, QuerySet
@@ -29,8 +30,8 @@ from django.utils.translation import gettext_lazy as _
 
 from .conf import CloseSettings, load_settings
 from .models import OUTCOME_LABELS, CloseAttempt, Order, OrderState, PaymentNotification, Trigger
-from .selectors import TOO_YOUNG, orders_needing_attention, why_not_closable
-from .services import CLAIMED_ELSEWHERE, CloseAction, close_orders, lift_hold
+from .selectors import orders_needing_attention, why_not_closable
+from .services import CloseAction, close_orders, lift_hold
 from .wechat import Outcome
 
 _STATE_COLOURS = {
@@ -48,29 +49,17 @@ _BADGE_TEXTS = {
     OrderState.UNKNOWN_TO_WECHAT: _("unknown to WeChat"),
 }
 
-# why_not_closable's reasons, for people. Its text for a terminal state is built from a (translated) state label,
-# so a terminal order's reason is chosen here from its state instead.
-_SKIP_REASONS = {
-    TOO_YOUNG: _("younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)"),
-    CLAIMED_ELSEWHERE: _("a close is already in flight for it"),
-}
-_TERMINAL_REASONS = {
-    OrderState.CLOSED: _("it is closed"),
-    OrderState.PAID: _("it is paid"),
-    OrderState.UNKNOWN_TO_WECHAT: _("it was never known to WeChat"),
-}
-
-
 def pretty_xml(text: str) -> str:
     """Indented XML for people; the stored text unchanged when it is not XML."""
     if not text.strip().startswith("<"):
         return text
     try:
         # A stored response may be hostile (it is kept as received): defusedxml, no DTDs.
-        document = safe_minidom.parseString(text.encode("utf-8"), forbid_dtd=True)
+        document = safe_minidom.parseString(text, forbid_dtd=True)
     except (ExpatError, DefusedXmlException, ValueError):
         return text
-    return document.documentElement.toprettyxml(indent="  ").strip()
+    root = document.documentElement
+    return root.toprettyxml(indent="  ").strip() if root is not None else text
 
 
 def _exact(text: str) -> SafeString:
@@ -253,9 +242,9 @@ class CloseAttemptInline(admin.TabularInline):
     model = CloseAttempt
     verbose_name = _("closeorder exchange")
     verbose_name_plural = _("Audit trail (newest first)")
-    fields = ["started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
-              "duration_ms", "xml"]  # the URL, failover and raw fields are on the attempt's own page
-    readonly_fields = fields
+    readonly_fields = ("started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
+                       "duration_ms", "xml")  # the URL, failover and raw fields are on the attempt's own page
+    fields = readonly_fields
     ordering = ["-started_at", "-id"]
     extra = 0
     max_num = 0
@@ -340,10 +329,8 @@ def _settings_or_none() -> CloseSettings | None:
 
 
 def _skip_reason(order: Order, blocker: str) -> str:
-    """why_not_closable's reason in the reader's language."""
-    if order.state != OrderState.OPEN:
-        return str(_TERMINAL_REASONS[OrderState(order.state)])
-    return str(_SKIP_REASONS.get(blocker, blocker))
+    """why_not_closable's reason (plain English, a catalogue entry) in the reader's language."""
+    return gettext(blocker)
 
 
 def _not_sent_summary(skipped: list[tuple[Order, str]]) -> str:
@@ -503,7 +490,7 @@ class OrderAdmin(admin.ModelAdmin):
                 "skipped": skipped,
                 "not_yet_expired": [order for order in to_send if order.payment_deadline > now],
                 "selected_ids": [order.pk for order in orders],
-                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+                "action_checkbox_name": ACTION_CHECKBOX_NAME,
                 "action": "close_selected_orders",
             })
         report = close_orders(to_send, trigger=Trigger.ADMIN, user=request.user)
@@ -540,11 +527,12 @@ class CloseAttemptAdmin(admin.ModelAdmin):
     search_fields = ["=out_trade_no"]
     date_hierarchy = "started_at"
     actions = None  # not even "delete selected": the audit trail is append-only
-    fields = ["order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
-              "failed_over_from", "sign_type", "started", "completed", "duration_ms", "outcome_badge",
-              "stored_reason", "http_status", "return_code", "return_msg", "result_code", "err_code", "err_code_des",
-              "signature_verified", "request", "request_pretty", "response", "response_pretty"]
-    readonly_fields = fields
+    readonly_fields = ("order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
+                       "failed_over_from", "sign_type", "started", "completed", "duration_ms", "outcome_badge",
+                       "stored_reason", "http_status", "return_code", "return_msg", "result_code", "err_code",
+                       "err_code_des", "signature_verified", "request", "request_pretty", "response",
+                       "response_pretty")
+    fields = readonly_fields
 
     empty_value_display = "—"
 

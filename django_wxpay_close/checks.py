@@ -17,6 +17,7 @@ from .conf import inspect_settings
 def check_wxpay_close_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     _, problems = inspect_settings()
     return [
-        (checks.Error if problem.is_error else checks.Warning)(problem.message, hint=problem.hint or None, id=problem.id)
+        (checks.Error if problem.is_error else checks.Warning)(
+            problem.message, hint=problem.hint or None, id=problem.id)
         for problem in problems
     ]

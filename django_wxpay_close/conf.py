@@ -95,7 +95,7 @@ class CloseSettings:
         """Exponential backoff: RETRY_BACKOFF, doubled per retry, capped at RETRY_BACKOFF_MAX."""
         doublings = min(max(retry_number - 1, 0), 32)
         try:
-            return min(self.retry_backoff * (2**doublings), self.retry_backoff_max)
+            return min(self.retry_backoff * (1 << doublings), self.retry_backoff_max)
         except OverflowError:  # a backoff of days, doubled 32 times, passes timedelta.max: the cap applies
             return self.retry_backoff_max
 
@@ -162,7 +162,7 @@ def _check_base_url(name: str, url: Any, report: _Inspection) -> str | None:
         report.error(8, _("WXPAY_CLOSE['%(name)s'] %(url)r is not HTTPS.") % {"name": name, "url": url},
                      _("Outside DEBUG only HTTPS (or a loopback simulator) may receive signed requests."))
         return None
-    return url.rstrip("/")
+    return str(url).rstrip("/")
 
 
 def _inspect_merchant(name: str, raw: Any, report: _Inspection) -> MerchantSettings | None:

@@ -113,9 +113,11 @@ class Order(models.Model):
         verbose_name = _("order")
         verbose_name_plural = _("orders")
         constraints = [
-            models.UniqueConstraint(fields=["mch_id", "sub_mch_id", "out_trade_no"], name="wxpay_close_unique_out_trade_no"),
+            models.UniqueConstraint(fields=["mch_id", "sub_mch_id", "out_trade_no"],
+                                    name="wxpay_close_unique_out_trade_no"),
             models.CheckConstraint(
-                condition=~(Q(closed_at__isnull=False) & Q(paid_at__isnull=False)), name="wxpay_close_not_closed_and_paid"
+                condition=~(Q(closed_at__isnull=False) & Q(paid_at__isnull=False)),
+                name="wxpay_close_not_closed_and_paid",
             ),
         ]
         indexes = [
@@ -206,6 +208,14 @@ class CloseAttempt(models.Model):
         return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
             "out_trade_no": self.out_trade_no, "started": f"{self.started_at:%Y-%m-%d %H:%M:%S}", "status": status}
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditTrailError("Close attempts are append-only; complete an unfinished one with complete().")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
+
     @property
     def is_finished(self) -> bool:
         return self.completed_at is not None
@@ -214,14 +224,6 @@ class CloseAttempt(models.Model):
     def has_no_answer(self) -> bool:
         """Completed without an answer: every answer, even a timeout, is recorded with an outcome."""
         return self.completed_at is not None and not self.outcome
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise AuditTrailError("Close attempts are append-only; complete an unfinished one with complete().")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
 
     def complete(self, **fields: Any) -> bool:
         """Record the answer once. False if the row was already completed (it is then left untouched)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from django.db.models import Count, Min, Q, QuerySet
 from django.db.models.functions import Now
+from django.utils.translation import gettext_noop
 
 from .models import Order, OrderState
 from .wechat import Outcome
@@ -46,7 +47,15 @@ def orders_due_for_closing(
     return queryset.order_by("payment_deadline", "id")
 
 
-TOO_YOUNG = "younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)"
+# Reasons an explicit close is not sent. Stored and compared as they are, so plain English: gettext_noop only puts
+# them in the catalogue, and the admin translates them when it shows one.
+TOO_YOUNG = gettext_noop("younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)")
+CLAIMED_ELSEWHERE = gettext_noop("a close is already in flight for it")
+NOT_OPEN = {
+    OrderState.CLOSED: gettext_noop("it is closed"),
+    OrderState.PAID: gettext_noop("it is paid"),
+    OrderState.UNKNOWN_TO_WECHAT: gettext_noop("it was never known to WeChat"),
+}
 
 
 def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -> str | None:
@@ -55,11 +64,11 @@ def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -
     A preview on this host's clock: the claim itself asks the database's clock again.
     """
     if order.state != OrderState.OPEN:
-        return f"it is {OrderState(order.state).label.lower()}"
+        return NOT_OPEN[OrderState(order.state)]
     if order.created_at > now - min_order_age:
         return TOO_YOUNG
     if order.claim_expires_at is not None and order.claim_expires_at >= now:
-        return "a close is already in flight for it"
+        return CLAIMED_ELSEWHERE
     return None
 
 

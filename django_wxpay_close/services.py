@@ -38,7 +38,7 @@ from django.utils.translation import gettext, gettext_lazy, gettext_noop, ngette
 from . import signals
 from .conf import CloseSettings, load_settings
 from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
-from .selectors import TOO_YOUNG, claimable, orders_due_for_closing, why_not_closable
+from .selectors import CLAIMED_ELSEWHERE, TOO_YOUNG, claimable, orders_due_for_closing, why_not_closable
 from .wechat import (
     CloseOrderClient,
     CloseResult,
@@ -132,7 +132,6 @@ _ACTION_SINGULAR = {
 
 # Stored in CloseAttempt.reason and compared as they are, so they stay plain English: gettext_noop only puts them
 # in the catalogue, and the admin translates them when it shows a stored reason.
-CLAIMED_ELSEWHERE = gettext_noop("a close is already in flight for it")
 MERCHANT_HALTED = gettext_noop(
     "its merchant is halted for this run: two of its orders in a row hit a configuration error")
 ABANDONED = gettext_noop("no answer was recorded: the process stopped or lost its database")
@@ -467,10 +466,11 @@ class _Run:
             return self._with_database(lambda: self._settle_unsent(order, CloseAction.CONFIGURATION_ERROR, problem))
         client = _client(self.settings, order.merchant, self.pool_size)
         try:
-            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
+            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id,
+                                      sub_appid=order.sub_appid or None)
         except InvalidRequestField as exc:
-            return self._with_database(
-                lambda: self._settle_unsent(order, CloseAction.PUT_ON_HOLD, f"cannot build the request: {exc}"))
+            unbuildable = f"cannot build the request: {exc}"
+            return self._with_database(lambda: self._settle_unsent(order, CloseAction.PUT_ON_HOLD, unbuildable))
 
         def write_row() -> _Started | OrderCloseResult:
             with transaction.atomic(using=self.db):
@@ -508,14 +508,13 @@ class _Run:
         if problem == MERCHANT_HALTED:
             self._release(order, {})
             return _order_result(order, CloseAction.SKIPPED, problem)
-        values: dict[str, Any] = {"last_outcome": (Outcome.CONFIGURATION_ERROR if action is CloseAction.CONFIGURATION_ERROR
-                                                   else Outcome.CLIENT_BUG).value, "last_error": problem}
+        values: dict[str, Any] = {"last_error": problem}
         if action is CloseAction.CONFIGURATION_ERROR:
             with self._lock:
                 self._note_configuration_error(order.merchant, problem)
-            values.update(self._backoff(order, counted=True)[1])
+            values.update(last_outcome=Outcome.CONFIGURATION_ERROR.value, **self._backoff(order, counted=True)[1])
         else:
-            values.update(on_hold=True, next_attempt_at=None)
+            values.update(last_outcome=Outcome.CLIENT_BUG.value, on_hold=True, next_attempt_at=None)
         self._release(order, values)
         return _order_result(order, action, problem)
 
@@ -685,17 +684,18 @@ class _Run:
         return None
 
     def _take(self, order: Order, condition: Q, **values: Any) -> bool:
-        claimed = Order.objects.using(self.db).filter(condition, claimable(), pk=order.pk, state=OrderState.OPEN).update(
-            claim_token=self.token, claim_expires_at=Now() + self.settings.claim_timeout, **values)
+        claimed = Order.objects.using(self.db).filter(
+            condition, claimable(), pk=order.pk, state=OrderState.OPEN,
+        ).update(claim_token=self.token, claim_expires_at=Now() + self.settings.claim_timeout, **values)
         if claimed:
             order.claim_token = self.token
         return bool(claimed)
 
     def why_not_claimed(self, order: Order) -> str:
         order.refresh_from_db(using=self.db)
+        # The claim asked the database's clock, this preview the host's: where they disagree, the claim was right.
         return why_not_closable(order, now=timezone.now(), min_order_age=self.settings.min_order_age) or (
-            CLAIMED_ELSEWHERE if order.claim_expires_at is not None else
-            "younger than MIN_ORDER_AGE by the database's clock")
+            CLAIMED_ELSEWHERE if order.claim_expires_at is not None else TOO_YOUNG)
 
 
 def _close_chosen(run: _Run, order: Order) -> OrderCloseResult:

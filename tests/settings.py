@@ -24,4 +24,4 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(_sqlite_test_file)}
 
 # Tests point this at their own loopback simulator (tests/conftest.py, fixture `wxpay_settings`).
-WXPAY_CLOSE: dict = {**WXPAY_CLOSE, "BASE_URL": "http://127.0.0.1:9"}  # noqa: F405  (nothing listens on port 9)
+WXPAY_CLOSE = {**WXPAY_CLOSE, "BASE_URL": "http://127.0.0.1:9"}  # noqa: F405  (nothing listens on port 9)

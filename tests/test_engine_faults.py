@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import threading
 import time
 import uuid
@@ -205,6 +206,25 @@ def test_a_database_that_stays_away_stops_the_sweep_with_its_answers_logged_and_
         assert f"Could not record the answer to closeorder {number} (outcome closed)" in err
     assert "<return_code><![CDATA[SUCCESS]]></return_code>" in err  # the response body, as received
     assert len(simulator.requests) < len(orders), "it kept claiming after the database went away"
+
+
+@pytest.mark.postgres
+def test_ctrl_c_stops_the_sweep_claiming_and_records_the_answers_in_flight(
+    make_order: Callable[..., Order], simulator: WeChatPaySimulator, start_sweeper: Callable[..., Any],
+) -> None:
+    for _ in range(30):
+        make_order()
+    simulator.latency = 0.5
+    sweeper = start_sweeper("--workers", "2", as_json=False)
+    wait_for(lambda: len(simulator.requests) >= 2, timeout=20)
+    sweeper.send_signal(signal.SIGINT)
+    status, _, err = finished(sweeper)
+
+    assert status == 130 and "interrupted" in err and "Traceback" not in err
+    sent = len(simulator.requests)
+    assert 2 <= sent <= 4, f"{sent} requests went out after Ctrl-C"  # at most one more per worker
+    assert not CloseAttempt.objects.unfinished().exists()
+    assert CloseAttempt.objects.count() == sent == Order.objects.filter(state=OrderState.CLOSED).count()
 
 
 # -- WeChat out for hours, a poison order ---------------------------------------------------------------------------

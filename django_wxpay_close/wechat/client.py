@@ -229,7 +229,8 @@ class CloseOrderClient:
         self.deadline = connect_timeout + read_timeout  # per URL, body download included
         self.max_response_bytes = max_response_bytes
         self.session = requests.Session()
-        self._adapter = _FixedRouteAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1), max_retries=0)
+        self._adapter = _FixedRouteAdapter(pool_connections=len(self.urls), pool_maxsize=max(pool_size, 1),
+                                           max_retries=0)
         self.session.mount("https://", self._adapter)
         self.session.mount("http://", self._adapter)
         self.session.headers.update(
@@ -327,7 +328,8 @@ class CloseOrderClient:
     def _interpret(
         self, prepared: PreparedClose, url: str, started: float, failed_over_from: str | None, answer: Answer
     ) -> CloseResult:
-        def result(outcome: Outcome, reason: str, fields: Mapping[str, str] = {}, verified: bool | None = None) -> CloseResult:
+        def result(outcome: Outcome, reason: str, fields: Mapping[str, str] = {},
+                   verified: bool | None = None) -> CloseResult:
             return self._result(
                 prepared, url, started, failed_over_from, outcome, reason,
                 http_status=answer.status, response_body=answer.body, fields=fields, verified=verified,

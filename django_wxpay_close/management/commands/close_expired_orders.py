@@ -8,6 +8,7 @@ Exit statuses (when several apply, the first in this list wins):
   4  orders were put on hold: a person must look (admin filter "needs attention")
   6  WeChat looked unreachable: most requests failed in transport, so the run stopped early
   2  bad command-line arguments
+  130  interrupted (Ctrl-C): it claimed nothing more and recorded the answers in flight
   0  otherwise (orders whose close will be retried are not a problem)
 `--no-fail-on-error` makes 1, 3, 4 and 6 exit 0; 5 and 2 always fail.
 """
@@ -45,6 +46,7 @@ EXIT_CONFIGURATION = 3
 EXIT_ATTENTION = 4
 EXIT_DATABASE = 5
 EXIT_UNREACHABLE = 6
+EXIT_INTERRUPTED = 130  # as a shell reports a process stopped by Ctrl-C
 MAX_PROCESSES = 32
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -145,6 +147,9 @@ class Command(BaseCommand):
                 raise CommandError(str(exc), returncode=EXIT_CONFIGURATION) from exc
             except DatabaseUnavailable as exc:
                 summary = summarise(exc.report or CloseReport().finish(), dry_run=False, database_error=str(exc))
+            except KeyboardInterrupt:  # the sweep stopped claiming and wrote the answers in flight
+                raise CommandError(gettext("close_expired_orders was interrupted; the closes in flight were "
+                                           "recorded"), returncode=EXIT_INTERRUPTED) from None
             finally:
                 progress.close()
         if options["json"]:
