@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 from django_wxpay_close.management.commands.close_expired_orders import parse_duration
 from django_wxpay_close.models import Order, OrderState
@@ -95,6 +96,47 @@ def test_broken_settings_are_a_clear_command_error_and_nothing_is_sent(make_orde
     with pytest.raises(CommandError, match="unknown sign type 'SHA1'"):
         run()
     assert simulator.requests == []
+
+
+def test_each_kind_of_problem_has_an_exit_status_of_its_own(make_order, wxpay_settings, simulator):
+    make_order()
+    simulator.inject(Fault.UNSIGNED)
+    with pytest.raises(CommandError) as on_hold:
+        run()
+    wxpay_settings["MERCHANTS"]["default"]["SIGN_TYPE"] = "SHA1"
+    with pytest.raises(CommandError) as misconfigured:
+        run()
+    assert (on_hold.value.returncode, misconfigured.value.returncode) == (4, 3)
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--processes"])
+def test_workers_and_processes_beyond_their_maximum_are_a_clear_error(make_order, simulator, flag):
+    make_order()
+    with pytest.raises(CommandError, match=f"argument {flag}: invalid a whole number from 1 to"):
+        run(flag, "200000")
+    assert simulator.requests == []
+
+
+def test_two_processes_share_the_backlog_and_report_one_summary(make_order, simulator, start_sweeper):
+    orders = [make_order() for _ in range(12)]
+    simulator.latency = 0.05
+    out, err = start_sweeper("--processes", "2", "--workers", "2").communicate(timeout=60)
+    summary = json.loads(out)
+    assert summary["processes"] == 2 and summary["by_action"] == {"closed": 12} and summary["exit_status"] == 0, err
+    assert all(simulator.close_requests_for(o.out_trade_no) == 1 for o in orders)
+
+
+def test_dry_run_lists_each_due_order(make_order, simulator):
+    due = make_order()
+    output = run("--dry-run", "--verbosity", "1")
+    assert output.splitlines() == [f"{due.out_trade_no}  default  skipped (dry run: would send closeorder)",
+                                   "Dry run: 1 order is due for closing; nothing was sent."]
+
+
+def test_nothing_to_do_says_how_many_orders_wait_for_a_retry(make_order, simulator):
+    waiting = make_order(next_attempt_at=timezone.now() + timedelta(minutes=3))
+    assert run().splitlines()[1] == (f"1 overdue order waits for a retry; the next is due at "
+                                     f"{timezone.localtime(waiting.next_attempt_at):%Y-%m-%d %H:%M:%S %Z}.")
 
 
 @pytest.mark.parametrize("text, expected", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])

@@ -261,6 +261,14 @@ def test_the_api_key_is_stored_nowhere_in_the_audit_trail(make_order, simulator)
         assert API_KEY not in " ".join(str(value) for value in row.values())
 
 
+def test_a_signal_carries_the_order_as_it_is_after_the_change(make_order, received):
+    close_order(make_order())
+    [(name, kwargs)] = received
+    order = kwargs["order"]
+    assert name == "order_closed" and order.state == OrderState.CLOSED and order.attempt_count == 1
+    assert order.closed_at is not None and order.claim_expires_at is None
+
+
 def test_a_failing_signal_receiver_does_not_undo_the_close(make_order):
     def broken_receiver(**kwargs: Any) -> None:
         raise RuntimeError("the shop's receiver has a bug")

@@ -174,7 +174,11 @@ class Command(BaseCommand):
             forwarded += ["--merchant", merchant]
         if options["older_than"] is not None:
             forwarded += ["--older-than", f"{options['older_than'].total_seconds()}s"]
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+        # The children read the settings module again: settings changed at run time (override_settings) stay here.
+        settings_module = settings.SETTINGS_MODULE or os.environ.get("DJANGO_SETTINGS_MODULE")
+        if not settings_module:
+            raise CommandError("--processes needs DJANGO_SETTINGS_MODULE: each process reads the settings again")
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings_module,
                "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         children = []
         for index in range(count):
