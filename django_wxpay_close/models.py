@@ -20,6 +20,12 @@ out_trade_no_validator = RegexValidator(
 )
 
 
+def stored_text(body: bytes) -> str:
+    """A raw body as a text column keeps it: bytes that are not UTF-8 stay visible as escapes, and NUL is
+    escaped too (PostgreSQL text refuses it)."""
+    return body.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
 class OrderState(models.TextChoices):
     """Where the order stands at WeChat, as far as we know.
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import models, transaction
+from django.db import models, router, transaction
 from django.utils import timezone
 
 from . import services, signals
 from .conf import MerchantSettings, load_settings
-from .models import NotificationVerdict, Order, OrderState, PaymentNotification
+from .models import NotificationVerdict, Order, OrderState, PaymentNotification, stored_text
 from .wechat import DEFAULT_MAX_BODY_BYTES, InvalidXMLBody, Notification, notification_reply, read_notification
 
 __all__ = ["ACKNOWLEDGED_VERDICTS", "MAX_NOTIFICATION_BYTES", "NotificationResult", "handle_payment_notification"]
@@ -56,6 +56,12 @@ _FAIL_MESSAGES = {
     NotificationVerdict.UNKNOWN_ORDER: "order not found",
 }
 
+def _orders_database() -> str:
+    """The database orders are written to (the router's choice): a notification is checked against it, not a
+    replica that may lag."""
+    return router.db_for_write(Order)
+
+
 _COLUMNS = ("mch_id", "sub_mch_id", "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code")
 
 
@@ -73,7 +79,7 @@ class NotificationResult:
 
 def handle_payment_notification(body: bytes) -> NotificationResult:
     """Check one notification body, record the payment it reports if it is true, and return the reply."""
-    row: dict[str, Any] = {"raw_body": _body_text(body[:MAX_NOTIFICATION_BYTES])}
+    row: dict[str, Any] = {"raw_body": stored_text(body[:MAX_NOTIFICATION_BYTES])}
     try:
         notification = read_notification(body, max_bytes=MAX_NOTIFICATION_BYTES)
     except InvalidXMLBody as exc:
@@ -93,7 +99,7 @@ def handle_payment_notification(body: bytes) -> NotificationResult:
     if merchant is None:
         return _finish(NotificationVerdict.BAD_SIGNATURE, row, _why_unverified(notification, candidates[0]))
 
-    order = Order.objects.filter(
+    order = Order.objects.using(_orders_database()).filter(
         mch_id=notification.mch_id, sub_mch_id=notification.sub_mch_id, out_trade_no=notification.out_trade_no
     ).first()
     if notification.return_code != "SUCCESS" or notification.result_code != "SUCCESS":
@@ -107,19 +113,20 @@ def handle_payment_notification(body: bytes) -> NotificationResult:
     mismatch = _mismatch(order, notification)
     if mismatch:
         result = _finish(NotificationVerdict.AMOUNT_MISMATCH, row, f"{mismatch}; not recorded as paid", order=order)
-        _send_signal(signals.payment_mismatch, order, result.notification)
+        signals.send_after_commit(signals.payment_mismatch, order, using=_orders_database(),
+                                  notification=result.notification, attempt=None)
         return result
     return _record_payment(order, notification, row)
 
 
 def _record_payment(order: Order, notification: Notification, row: dict[str, Any]) -> NotificationResult:
     # One transaction: the order's new state and the row that explains it are committed together.
-    with transaction.atomic():
+    with transaction.atomic(using=_orders_database()):
         was_paid = order.state == OrderState.PAID
         try:
             services.record_payment(order=order, paid_at=notification.paid_at or timezone.now())
         except services.InvalidTransition:
-            order.refresh_from_db()
+            order.refresh_from_db(using=_orders_database())
             if order.state != OrderState.CLOSED:
                 raise  # not a state a payment is refused in: a bug, answered 500 so WeChat tries again
             result = _finish(
@@ -127,7 +134,8 @@ def _record_payment(order: Order, notification: Notification, row: dict[str, Any
                 f"WeChat took a payment (transaction_id {notification.transaction_id[:40]!r}) for an order we had "
                 "closed; it stays closed: refund the payer or fulfil the order", order=order,
             )
-            _send_signal(signals.payment_for_closed_order, order, result.notification)
+            signals.send_after_commit(signals.payment_for_closed_order, order, using=_orders_database(),
+                                      notification=result.notification, attempt=None)
             return result
         # A repeat of a notification already recorded; two copies racing both read "not paid" and are both
         # recorded_paid, which is harmless: record_payment itself is idempotent.
@@ -182,24 +190,7 @@ def _mismatch(order: Order, notification: Notification) -> str:
     return "; ".join(problems)
 
 
-def _send_signal(signal: Any, order: Order, notification: PaymentNotification) -> None:
-    """After commit and robustly, as every signal of the package: a failing receiver is logged, never raised."""
-    def send() -> None:
-        for receiver, response in signal.send_robust(sender=Order, order=order, attempt=None,
-                                                     notification=notification):
-            if isinstance(response, Exception):
-                logger.error("A receiver of a django_wxpay_close signal failed: %r", receiver, exc_info=response,
-                             extra={"order_id": order.pk, "out_trade_no": order.out_trade_no})
-
-    transaction.on_commit(send)
-
-
 def _cut(value: str, column: str) -> str:
     """A received value cut to its column (a hostile body may send anything, PostgreSQL refuses overlong text)."""
     field = PaymentNotification._meta.get_field(column)
     return value[: field.max_length] if isinstance(field, models.CharField) else value
-
-
-def _body_text(body: bytes) -> str:
-    # Bytes that are not UTF-8 stay visible as escapes; NUL is escaped too (PostgreSQL text refuses it).
-    return body.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")

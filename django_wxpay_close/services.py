@@ -37,7 +37,7 @@ from django.utils.translation import gettext, gettext_lazy, gettext_noop, ngette
 
 from . import signals
 from .conf import CloseSettings, load_settings
-from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger
+from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger, stored_text
 from .selectors import CLAIMED_ELSEWHERE, TOO_YOUNG, claimable, orders_due_for_closing, why_not_closable
 from .wechat import (
     CloseOrderClient,
@@ -268,18 +268,13 @@ def _client(settings: CloseSettings, merchant_name: str, pool_size: int) -> Clos
                           settings.read_timeout, settings.max_response_bytes, pool_size)
 
 
-def _response_text(body: bytes) -> str:
-    # Bytes that are not UTF-8 are kept visible as escapes; NUL is escaped too (PostgreSQL text refuses it).
-    return body.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
-
-
 def _audit_answer(result: CloseResult) -> dict[str, Any]:
     return {
         "url": result.url[:300],
         "failed_over_from": (result.failed_over_from or "")[:300],
         "duration_ms": round(result.elapsed * 1000),
         "http_status": result.http_status,
-        "response_body": _response_text(result.response_body),
+        "response_body": stored_text(result.response_body),
         "return_code": result.return_code[:16],
         "return_msg": result.return_msg[:128],
         "result_code": result.result_code[:16],
@@ -289,23 +284,6 @@ def _audit_answer(result: CloseResult) -> dict[str, Any]:
         "outcome": result.outcome.value,
         "reason": result.reason,
     }
-
-
-def _send_signal(signal: Any, order: Order, using: str, **kwargs: Any) -> None:
-    """Send `signal` with the order as it is after the change, once that change is committed."""
-    if not signal.has_listeners(Order):
-        return
-    order.refresh_from_db(using=using)
-
-    def send() -> None:
-        for receiver, response in signal.send_robust(sender=Order, order=order, **kwargs):
-            if isinstance(response, Exception):
-                logger.error(
-                    "A receiver of a django_wxpay_close signal failed: %r", receiver,
-                    exc_info=response, extra={"order_id": order.pk, "out_trade_no": order.out_trade_no},
-                )
-
-    transaction.on_commit(send, using=using)
 
 
 def _order_result(order: Order, action: CloseAction, reason: str = "", *, result: CloseResult | None = None,
@@ -552,7 +530,7 @@ class _Run:
             logger.error(
                 "Could not record the answer to closeorder %s (outcome %s); its audit row stays unfinished and "
                 "the order is closed again once its claim lapses. Response body: %s",
-                order.out_trade_no, result.outcome.value, _response_text(result.response_body),
+                order.out_trade_no, result.outcome.value, stored_text(result.response_body),
                 extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "outcome": result.outcome.value,
                        "attempt_id": started.attempt.pk},
             )
@@ -580,7 +558,8 @@ class _Run:
                     "response body: %s", order.out_trade_no, result.outcome.value, answer["response_body"],
                     extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "attempt_id": attempt.pk})
             if applied and decision.signal is not None:
-                _send_signal(decision.signal, order, self.db, attempt=attempt, **decision.signal_kwargs)
+                signals.send_after_commit(decision.signal, order, using=self.db, attempt=attempt,
+                                          **decision.signal_kwargs)
         logger.info(
             "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
             extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
@@ -916,6 +895,6 @@ def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
             state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now(), next_attempt_at=None
         ):
             order.refresh_from_db(using=using)
-            _send_signal(signals.order_paid_recorded, order, using, attempt=None)
+            signals.send_after_commit(signals.order_paid_recorded, order, using=using, attempt=None)
             return order
     raise InvalidTransition(f"order {order.out_trade_no} kept changing state; payment not recorded")

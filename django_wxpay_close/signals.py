@@ -18,7 +18,15 @@ The payment notification view sends these two with `attempt=None` and `notificat
   The order is not marked paid: a person must check the payment.
 """
 
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import models, transaction
 from django.dispatch import Signal
+
+logger = logging.getLogger("django_wxpay_close")
 
 order_closed = Signal()
 order_found_paid = Signal()
@@ -27,3 +35,20 @@ close_attempts_exhausted = Signal()
 order_paid_recorded = Signal()
 payment_for_closed_order = Signal()
 payment_mismatch = Signal()
+
+
+def send_after_commit(signal: Signal, order: models.Model, *, using: str, **kwargs: Any) -> None:
+    """Send `signal` (sender: the order's model) with the order as it is after the change, once the change is
+    committed; a receiver that raises is logged, never raised, so it cannot undo or stop a close."""
+    sender = type(order)
+    if not signal.has_listeners(sender):
+        return
+    order.refresh_from_db(using=using)
+
+    def send() -> None:
+        for receiver, response in signal.send_robust(sender=sender, order=order, **kwargs):
+            if isinstance(response, Exception):
+                logger.error("A receiver of a django_wxpay_close signal failed: %r", receiver, exc_info=response,
+                             extra={"order_id": order.pk, "out_trade_no": getattr(order, "out_trade_no", "")})
+
+    transaction.on_commit(send, using=using)
