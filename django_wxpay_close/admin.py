@@ -238,7 +238,20 @@ def _xml_details(attempt: CloseAttempt) -> SafeString:
     )
 
 
-class CloseAttemptInline(admin.TabularInline):
+class ReadOnly:
+    """An audit record's admin: nobody adds, edits or deletes a row (the models refuse it too)."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class CloseAttemptInline(ReadOnly, admin.TabularInline):
     model = CloseAttempt
     verbose_name = _("closeorder exchange")
     verbose_name_plural = _("Audit trail (newest first)")
@@ -269,17 +282,8 @@ class CloseAttemptInline(admin.TabularInline):
     def xml(self, attempt: CloseAttempt) -> str:
         return _xml_details(attempt)
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-class PaymentNotificationInline(admin.TabularInline):
+class PaymentNotificationInline(ReadOnly, admin.TabularInline):
     """The order's payment notifications, read-only; the raw body is on each notification's own page."""
 
     model = PaymentNotification
@@ -298,15 +302,6 @@ class PaymentNotificationInline(admin.TabularInline):
     def received(self, notification: PaymentNotification) -> str:
         link = reverse("admin:django_wxpay_close_paymentnotification_change", args=[notification.pk])
         return format_html('<a href="{}">{}</a>', link, _when_html(notification.received_at))
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 def outcome_badge(attempt: CloseAttempt) -> str:
@@ -518,7 +513,7 @@ class OrderAdmin(admin.ModelAdmin):
 
 
 @admin.register(CloseAttempt)
-class CloseAttemptAdmin(admin.ModelAdmin):
+class CloseAttemptAdmin(ReadOnly, admin.ModelAdmin):
     """The audit list: searchable and filterable; nobody can add, edit or delete a row."""
 
     list_display = ["started", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
@@ -566,18 +561,9 @@ class CloseAttemptAdmin(admin.ModelAdmin):
     def response_pretty(self, attempt: CloseAttempt) -> SafeString | str:
         return _pretty(attempt.response_body)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
 
 @admin.register(PaymentNotification)
-class PaymentNotificationAdmin(admin.ModelAdmin):
+class PaymentNotificationAdmin(ReadOnly, admin.ModelAdmin):
     """Every payment notification received, believed or not; nobody can add, edit or delete a row."""
 
     list_display = ["received", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
@@ -604,12 +590,3 @@ class PaymentNotificationAdmin(admin.ModelAdmin):
     @admin.display(description=_("body, pretty-printed for reading"))
     def body_pretty(self, notification: PaymentNotification) -> SafeString | str:
         return _pretty(notification.raw_body)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
