@@ -37,7 +37,7 @@ WORKERS_PER_PROCESS = 6
 ADMIN_BATCHES = 6
 ADMIN_BATCH_SIZE = 100
 
-# What the simulator's final state means locally (PROTOCOL.md): a closed order is CLOSED, a paid one PAID.
+# What the simulator's final state means locally (docs/protocol.md#outcomes): a closed order is CLOSED, a paid one PAID.
 LOCAL_STATE_FOR = {RemoteState.CLOSED: OrderState.CLOSED, RemoteState.PAID: OrderState.PAID}
 
 
