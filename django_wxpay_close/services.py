@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -412,12 +413,9 @@ class _Run:
 
         `chosen` is the order a person or the shop's code asked for, if any.
         """
-        order = chosen
+        claimed: list[Order] = []  # what `claim` took, to report against if what follows fails
         try:
-            order = self._with_database(claim)
-            if order is None:
-                return None
-            started = self._start(order)
+            started = self._start(claim, claimed, settle_always=chosen is not None)
             if not isinstance(started, _Started):
                 return started
             lease_left = self.settings.claim_timeout.total_seconds() - (time.monotonic() - started.lease_from)
@@ -427,8 +425,10 @@ class _Run:
         except DatabaseUnavailable as exc:
             with self._lock:
                 self.database_error = self.database_error or str(exc)
+            order = chosen or next(iter(claimed), None)
             return None if order is None else _order_result(order, CloseAction.FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others (or kill a worker)
+            order = chosen or next(iter(claimed), None)
             if order is not None:  # it keeps this run's claim until the lease lapses: the next run tries again
                 return _failed(order, exc)
             logger.error("Claiming an order failed unexpectedly", exc_info=exc)
@@ -436,9 +436,17 @@ class _Run:
                 self.stopped_early = self.stopped_early or f"claiming failed: {type(exc).__name__}: {exc}"
             return None
 
-    def _start(self, order: Order) -> _Started | OrderCloseResult:
-        """Check and sign a claimed order; then, in one transaction, renew its claim, settle what a lapsed
-        claim left unfinished and write the audit row of the request about to leave."""
+    def _start(self, claim: Callable[[], Order | None], claimed: list[Order], *,
+               settle_always: bool) -> _Started | OrderCloseResult | None:
+        """Claim an order (a fresh lease, committed at once), check and sign it, then write the audit row of the
+        request about to leave, settling first what an earlier, lapsed claim left unfinished."""
+        lease_from = time.monotonic()
+        order = self._with_database(claim)
+        if order is None:
+            return None
+        claimed.append(order)
+        # claim_due read the order before claiming it: a claim_expires_at there is a claim that lapsed.
+        lapsed = order.claim_expires_at is not None
         problem = self._configuration_problem(order)
         if problem:
             return self._with_database(lambda: self._settle_unsent(order, CloseAction.CONFIGURATION_ERROR, problem))
@@ -449,25 +457,24 @@ class _Run:
         except InvalidRequestField as exc:
             unbuildable = f"cannot build the request: {exc}"
             return self._with_database(lambda: self._settle_unsent(order, CloseAction.PUT_ON_HOLD, unbuildable))
+        tries = 0
 
-        def write_row() -> _Started | OrderCloseResult:
-            with transaction.atomic(using=self.db):
-                lease_from = time.monotonic()
-                renewed = Order.objects.using(self.db).filter(
-                    pk=order.pk, claim_token=self.token, state=OrderState.OPEN,
-                ).update(claim_expires_at=Now() + self.settings.claim_timeout)
-                if not renewed:
-                    return _order_result(order, CloseAction.SKIPPED, CLAIMED_ELSEWHERE)
-                # Rows an earlier holder of this order left unfinished: its claim lapsed before it wrote an answer.
-                CloseAttempt.objects.using(self.db).filter(order=order).complete(reason=ABANDONED)
-                attempt = CloseAttempt.objects.using(self.db).create(
+        def write_row() -> CloseAttempt:
+            nonlocal tries
+            tries += 1
+            # A retry settles too: the try before may have written its row before the connection dropped.
+            settle = lapsed or settle_always or tries > 1
+            with transaction.atomic(using=self.db) if settle else nullcontext():
+                if settle:  # rows an earlier holder left unfinished: no answer will come for them now
+                    CloseAttempt.objects.using(self.db).filter(order=order).complete(reason=ABANDONED)
+                return CloseAttempt.objects.using(self.db).create(
                     order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
                     out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
-                    url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
+                    url=client.urls[0], sign_type=prepared.sign_type.value,
+                    request_xml=prepared.body.decode("utf-8"),
                 )
-            return _Started(order, attempt, client, prepared, lease_from)
 
-        return self._with_database(write_row)
+        return _Started(order, self._with_database(write_row), client, prepared, lease_from)
 
     def _configuration_problem(self, order: Order) -> str:
         if order.merchant in self.halted:
@@ -643,16 +650,18 @@ class _Run:
 
         Never one this run claimed before: a release keeps the run's token on the order.
         """
-        while True:
-            due = orders_due_for_closing(min_order_age=self.settings.min_order_age, merchants=merchants,
-                                         exclude_merchants=list(self.halted), older_than=older_than)
-            with transaction.atomic(using=self.db):
-                order = due.using(self.db).exclude(claim_token=self.token).select_for_update(skip_locked=True).first()
-                if order is None:
-                    return None
-                # Conditional again for SQLite, which has no row locks: the order may have been claimed meanwhile.
-                if self._take(order, Q()):
-                    return order
+        due = orders_due_for_closing(min_order_age=self.settings.min_order_age, merchants=merchants,
+                                     exclude_merchants=list(self.halted), older_than=older_than)
+        with transaction.atomic(using=self.db):
+            order = due.using(self.db).exclude(claim_token=self.token).select_for_update(skip_locked=True).first()
+            if order is None:
+                return None
+            # The row stays locked until this transaction ends, so what it was chosen by still holds. (SQLite has
+            # no row locks, but refuses a write from a transaction another writer overtook: it is retried.)
+            Order.objects.using(self.db).filter(pk=order.pk).update(
+                claim_token=self.token, claim_expires_at=Now() + self.settings.claim_timeout)
+        order.claim_token = self.token
+        return order
 
     def claim_chosen(self, order: Order) -> Order | None:
         """Claim an order a person or the shop's code chose; a hold is lifted and the retry budget restarts."""

@@ -7,8 +7,8 @@ Looked for in: every database row the app or the admin wrote, every log record o
 from __future__ import annotations
 
 import io
-import time
 import logging
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from django_wxpay_close.conf import load_settings
 from django_wxpay_close.models import CloseAttempt, Order
@@ -178,7 +179,7 @@ def test_the_api_key_appears_in_no_output_of_a_sweeper_process_even_one_killed_m
     killed.kill()
     seen.add("killed process output", killed.communicate())
     simulator.latency = 0.0
-    Order.objects.update(claim_expires_at=None, claim_token=None)  # as if the claims had expired
+    Order.objects.update(claim_expires_at=timezone.now() - timedelta(seconds=1))  # as if the claims had lapsed
 
     exit_statuses = []
     for as_json in (False, True):
