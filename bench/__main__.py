@@ -8,6 +8,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,17 @@ SECTIONS = ("client", "service", "profile", "sweep", "ceiling", "processes", "me
 RESULTS = Path(__file__).parent / "results"
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="CI-sized: proves the benchmark runs, measures little")
     parser.add_argument("--postgres-url", default=os.environ.get("BENCH_POSTGRES_URL"),
                         help=f"database to use, created if missing (default {runner.DEFAULT_POSTGRES}, _quick appended "
                              "with --quick); its sections are skipped if nothing answers")
-    parser.add_argument("--latency", type=float, help="simulator latency in seconds for the sweep sections")
+    parser.add_argument("--latency", type=float,
+                        help="simulator latency in seconds for the sweep section (the process layouts keep theirs)")
     parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
-    parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
     parser.add_argument("--plot", type=Path, help="write the throughput plot (PNG) here")
     return parser
 
@@ -61,28 +64,34 @@ def run(args: argparse.Namespace) -> None:
     postgres = runner.postgres_backend(postgres_url)
     sqlite = runner.sqlite_backend(SQLITE_PATH.with_name(f"{SQLITE_PATH.stem}{suffix}{SQLITE_PATH.suffix}"))
     backends = [b for b in (postgres, sqlite) if b is not None]
-    results: dict[str, Any] = {"machine": machine.describe(), "plan": plan.__dict__, "quick": args.quick,
-                               "postgres": postgres is not None, "skipped": []}
+    results: dict[str, Any] = {
+        "machine": machine.describe(postgres_url if postgres else None), "plan": plan.__dict__, "quick": args.quick,
+        "postgres": postgres is not None, "skipped": [], "section_seconds": {},
+    }
     if postgres is None:
         results["skipped"].append(f"PostgreSQL sections: nothing answers at {postgres_url}")
     output = args.output or RESULTS / ("quick.json" if args.quick else "latest.json")
     started = time.perf_counter()
-    with simulator_process(0.0) as instant, simulator_process(plan.latency) as slow:
-        if "client" in wanted:
-            results["client"] = sections.client_overhead(plan, instant)
-        if "service" in wanted:
-            results["service"] = sections.service_overhead(plan, backends, instant)
-        if "profile" in wanted:
-            results["profile"] = sections.profile(plan, backends[0], instant)
-        if "sweep" in wanted:
-            results["sweep"] = sections.sweep_throughput(plan, backends, slow)
-        if postgres is not None:
-            if "ceiling" in wanted:
-                results["ceiling"] = sections.ceiling(plan, postgres, instant)
-            if "processes" in wanted:
-                results["processes"] = sections.sweeper_processes(plan, postgres, slow)
-            if "memory" in wanted:
-                results["memory"] = sections.memory(plan, postgres, instant)
+    latencies = {0.0, plan.latency, *(latency for _, _, latency in plan.process_layouts)}
+    with ExitStack() as stack:
+        sims = {latency: stack.enter_context(simulator_process(latency)) for latency in sorted(latencies)}
+        instant, slow = sims[0.0], sims[plan.latency]
+        runs: dict[str, Callable[[], Any]] = {
+            "client": lambda: sections.client_overhead(plan, instant),
+            "service": lambda: sections.service_overhead(plan, backends, instant),
+            "profile": lambda: sections.profile(plan, backends[0], instant),
+            "sweep": lambda: sections.sweep_throughput(plan, backends[0], slow),
+        }
+        if postgres is not None:  # the PostgreSQL-only sections
+            runs["ceiling"] = lambda: sections.ceiling(plan, postgres, instant)
+            runs["processes"] = lambda: sections.sweeper_processes(plan, postgres, sims)
+            runs["memory"] = lambda: sections.memory(plan, postgres, instant)
+        for name in SECTIONS:
+            if name in wanted and name in runs:
+                began = time.perf_counter()
+                print(f"{name}…", flush=True)
+                results[name] = runs[name]()
+                results["section_seconds"][name] = time.perf_counter() - began
     results["seconds"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     output.parent.mkdir(parents=True, exist_ok=True)

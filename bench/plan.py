@@ -12,35 +12,34 @@ class Plan:
     service_orders: int  # close_order() calls per repeat
     service_repeats: int
     latency: float  # seconds the simulator adds to every answer in the sweep sections
-    sweep_orders: int  # backlog per sweep run
+    sweep_orders: int  # backlog per sweep run (ours and the reference alike)
     workers: tuple[int, ...]
-    target_runs: int  # sweep runs at the largest worker count on PostgreSQL (the target figure)
-    pool_calls: int  # closes per wechatpy thread-pool run
-    pool_repeats: int
+    target_runs: int  # runs per side at the largest worker count (the target figures); one at the others
     ceiling_calls: int  # closes per run at zero latency, largest worker count
     ceiling_repeats: int
-    processes_orders: int  # backlog shared by the sweeper processes
-    process_layouts: tuple[tuple[int, int], ...]  # (processes, workers each); the first is the baseline
+    processes_orders: int  # backlog shared by the sweeper processes of a layout
+    # (processes, workers each, simulator latency in seconds); the first is the baseline
+    process_layouts: tuple[tuple[int, int, float], ...]
     processes_repeats: int
     memory_orders: tuple[int, ...]  # dry-run backlogs whose peak RSS is compared
 
 
 FULL = Plan(
     client_calls=3000, client_repeats=3,
-    service_orders=500, service_repeats=5,
-    latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=5,
-    pool_calls=2000, pool_repeats=3,
+    service_orders=300, service_repeats=5,
+    latency=0.05, sweep_orders=10_000, workers=(8, 16, 32), target_runs=3,
     ceiling_calls=2000, ceiling_repeats=3,
-    processes_orders=10000, process_layouts=((1, 32), (2, 16), (2, 32)), processes_repeats=3,
-    memory_orders=(10_000, 100_000),
+    processes_orders=5_000,
+    process_layouts=((1, 32, 0.05), (2, 16, 0.05), (8, 8, 0.2)), processes_repeats=3,
+    memory_orders=(10_000, 100_000, 1_000_000),
 )
 
 QUICK = Plan(
     client_calls=100, client_repeats=2,
     service_orders=20, service_repeats=2,
     latency=0.01, sweep_orders=200, workers=(8, 32), target_runs=1,
-    pool_calls=100, pool_repeats=1,
     ceiling_calls=100, ceiling_repeats=1,
-    processes_orders=200, process_layouts=((1, 32), (2, 16)), processes_repeats=1,
-    memory_orders=(200, 1000),
+    processes_orders=200,
+    process_layouts=((1, 32, 0.01), (2, 16, 0.01), (8, 8, 0.04)), processes_repeats=1,
+    memory_orders=(200, 2000),
 )

@@ -61,14 +61,16 @@ def start(task: str, *, backend: Backend | None = None, base_url: str | None = N
           **kwargs: Any) -> subprocess.Popen[str]:
     """Start one measurement process (call `finish` on it); `root`: the checkout whose code it runs."""
     return subprocess.Popen(_command(task, {"base_url": base_url, **kwargs}), cwd=root,
-                            env=_env(backend, base_url, root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(backend, base_url, root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     stdout, stderr = process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"{process.args!r} failed ({process.returncode}):\n{stderr[-4000:]}")
-    return json.loads(stdout.strip().splitlines()[-1])
+    answer: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return answer
 
 
 def run(task: str, *, backend: Backend | None = None, base_url: str | None = None, root: Path = ROOT,

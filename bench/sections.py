@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import runner
-from .machine import BusyCores
+from .machine import BusyCores, DatabaseLoad, cpu_seconds
 from .plan import Plan
 from .runner import Backend
 from .simproc import SimulatorProcess
@@ -50,133 +53,169 @@ def profile(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, An
     return runner.run("profile", backend=backend, base_url=sim.base_url, calls=calls)
 
 
-def _sweep(backend: Backend, sim: SimulatorProcess, orders: int, workers: int) -> Callable[[], Sample]:
+def _database_name(backend: Backend) -> str:
+    return urlsplit(backend.url).path.lstrip("/")
+
+
+def _measured(task: str, backend: Backend, sim: SimulatorProcess, orders: int, **kwargs: Any) -> Callable[[], Sample]:
+    """One run of `task` over a fresh backlog of `orders`, with what the rest of the machine did meanwhile:
+    the simulator's CPU, the database backends' CPU and connections (PostgreSQL), the requests per order."""
     def once() -> Sample:
-        runner.run("seed", backend=backend, orders=orders)
-        busy, simulator_cpu = BusyCores(), sim.cpu_seconds()
-        result = runner.run("sweep", backend=backend, base_url=sim.base_url, workers=workers)
+        prefix = runner.run("seed", backend=backend, orders=orders)["prefix"]
+        load = DatabaseLoad(backend.url, _database_name(backend)) if backend.name == "postgresql" else None
+        load = load.start() if load is not None and load.available else None
+        busy, simulator_cpu, ours = BusyCores(), sim.cpu_seconds(), cpu_seconds(children=True)
+        began = time.perf_counter()
+        try:
+            result = runner.run(task, backend=backend, base_url=sim.base_url, **kwargs)
+        finally:
+            database = load.stop() if load is not None else None
         result["machine_busy_cores"] = busy.stop()
-        result["simulator_cores"] = (sim.cpu_seconds() - simulator_cpu) / result["wall_s"]
+        result["simulator_cpu_s"] = sim.cpu_seconds() - simulator_cpu
+        result["database"] = database
+        # What the rest of the machine used meanwhile: the busy cores less the measured process (start-up
+        # included), the simulator and the database backends. Other work on the machine shows up here.
+        measured = cpu_seconds(children=True) - ours + result["simulator_cpu_s"] + (database or {}).get("cpu_s", 0.0)
+        result["other_cores"] = max(result["machine_busy_cores"] - measured / (time.perf_counter() - began), 0.0)
+        result["requests"] = sim.requests_per_order(prefix)
+        result["seeded"] = orders
         return result
 
     return once
-
-
-def _pool(sender: str, sim: SimulatorProcess, calls: int, workers: int) -> Callable[[], Sample]:
-    return _bare("pool", sim, calls, workers, sender=sender)
 
 
 def _bare(task: str, sim: SimulatorProcess, calls: int, workers: int, **kwargs: Any) -> Callable[[], Sample]:
-    """A client with no database: `pool` (a thread per request in flight) or `loop` (the sweep's sender)."""
+    """A client in a thread pool with no database (bench/tasks/pool.py)."""
     def once() -> Sample:
-        busy = BusyCores()
+        busy, simulator_cpu, ours = BusyCores(), sim.cpu_seconds(), cpu_seconds(children=True)
+        began = time.perf_counter()
         result = runner.run(task, base_url=sim.base_url, workers=workers, calls=calls, **kwargs)
         result["machine_busy_cores"] = busy.stop()
+        result["simulator_cpu_s"] = sim.cpu_seconds() - simulator_cpu
+        measured = cpu_seconds(children=True) - ours + result["simulator_cpu_s"]
+        result["other_cores"] = max(result["machine_busy_cores"] - measured / (time.perf_counter() - began), 0.0)
         return result
 
     return once
 
 
-def _limit(concurrent_requests: int, sim: SimulatorProcess) -> float | None:
+def _limit(concurrent_requests: int, latency: float) -> float | None:
     """The latency limit, closes/s: every request in flight all the time, each taking the simulated latency."""
-    return concurrent_requests / sim.latency if sim.latency else None
+    return concurrent_requests / latency if latency else None
 
 
-def _windowed(runs: list[Sample], limit: float | None) -> tuple[Figure, dict[str, Any]]:
-    """Throughput over every window of every run, and its share of `limit` (None: no limit at zero latency)."""
-    throughput = Figure.of([rate for run in runs for rate in run["window_closes_per_s"]])
-    return throughput, {"limit_per_s": limit, "of_limit": throughput.scaled(1 / limit).as_dict() if limit else None}
+def _per_close(runs: list[Sample]) -> dict[str, Any]:
+    """CPU milliseconds per close: the sweeper processes, PostgreSQL's backends, both, and the simulator."""
+    def figure(values: list[float]) -> dict[str, Any]:
+        return Figure.of(values).as_dict()
+
+    out: dict[str, Any] = {"sweeper": figure([1000 * r["cpu_s"] / r["handled"] for r in runs]),
+                           "simulator": figure([1000 * r["simulator_cpu_s"] / r["handled"] for r in runs])}
+    if all(r.get("database") for r in runs):
+        out["database"] = figure([1000 * r["database"]["cpu_s"] / r["handled"] for r in runs])
+        out["sweeper_and_database"] = figure([1000 * (r["cpu_s"] + r["database"]["cpu_s"]) / r["handled"]
+                                              for r in runs])
+    return out
+
+
+def _once_each(runs: list[Sample]) -> dict[str, Any]:
+    """Did the simulator get exactly one closeorder request for every seeded order, in every run?"""
+    exact = all(r["requests"]["orders"] == r["seeded"] and r["requests"]["orders_by_requests"] == {"1": r["seeded"]}
+                for r in runs)
+    return {"exactly_once": exact, "by_run": [r["requests"] for r in runs]}
 
 
 def _summary(runs: list[Sample], limit: float | None) -> dict[str, Any]:
-    """Throughput over every window of every run, with latency and CPU medians."""
-    throughput, against_limit = _windowed(runs, limit)
+    """Throughput over every window of every run, its share of the limit, latency, CPU, SQL, connections."""
+    throughput = Figure.of([rate for run in runs for rate in run["window_closes_per_s"]])
     summary: dict[str, Any] = {
         "runs": len(runs),
+        "handled": [run["handled"] for run in runs],
         "closes_per_s": throughput.as_dict(),
-        "latency_ms_p50": Figure.of([run["latency_ms_p50"] for run in runs]).as_dict(),
-        "latency_ms_p99": Figure.of([run["latency_ms_p99"] for run in runs]).as_dict(),
+        "run_median_closes_per_s": [statistics.median(run["window_closes_per_s"]) for run in runs],
+        "whole_run_closes_per_s": [run["closes_per_s"] for run in runs],
+        "limit_per_s": limit,
+        "of_limit": throughput.scaled(1 / limit).as_dict() if limit else None,
+        "seconds": Figure.of([run["wall_s"] for run in runs]).as_dict(),
         "cores": Figure.of([run["cores"] for run in runs]).as_dict(),
         "machine_busy_cores": Figure.of([run["machine_busy_cores"] for run in runs]).as_dict(),
+        "other_cores": Figure.of([run["other_cores"] for run in runs]).as_dict(),
         "peak_rss_kib": max(run["peak_rss_kib"] for run in runs),
-        "whole_run_closes_per_s": [run["closes_per_s"] for run in runs],
     }
-    for key in ("wait_for_slot_ms_p50", "wait_for_slot_ms_p99"):  # our sweeps only (bench/tasks/sweep.py)
-        if all(key in run for run in runs):
-            summary[key] = Figure.of([run[key] for run in runs]).as_dict()
-    if limit:
-        summary.update(against_limit)
+    if all("latency_ms_p50" in run for run in runs):
+        summary["latency_ms_p50"] = Figure.of([run["latency_ms_p50"] for run in runs]).as_dict()
+        summary["latency_ms_p99"] = Figure.of([run["latency_ms_p99"] for run in runs]).as_dict()
+    if all("seeded" in run for run in runs):
+        summary["cpu_ms_per_close"] = _per_close(runs)
+        summary["requests"] = _once_each(runs)
+    if all("sql_statements" in run for run in runs):
+        summary["sql_per_close"] = Figure.of([run["sql_statements"] / run["handled"] for run in runs]).as_dict()
+    if all(run.get("database") for run in runs):
+        summary["transactions_per_close"] = Figure.of(
+            [run["database"]["transactions"] / run["handled"] for run in runs]).as_dict()
+        summary["peak_connections"] = max(run["database"]["peak_connections"] for run in runs)
+    if all("sweeper_peak_rss_kib" in run for run in runs):
+        summary["sweeper_peak_rss_kib"] = max(run["sweeper_peak_rss_kib"] for run in runs)
     return summary
 
 
-def sweep_throughput(plan: Plan, backends: Sequence[Backend], sim: SimulatorProcess) -> dict[str, Any]:
-    """close_expired_orders per worker count and backend, alternated with wechatpy in a thread pool."""
+def _against(runs: Mapping[str, list[Sample]], ours: str, reference: str) -> dict[str, Any]:
+    """Ours ÷ the reference, run by run (the two ran in the same repeat), on each run's median window."""
+    def rates(side: str) -> list[float]:
+        return [statistics.median(run["window_closes_per_s"]) for run in runs[side]]
+
+    return {"ours": ours, "reference": reference, "closes_per_s": ratio(rates(ours), rates(reference)).as_dict()}
+
+
+def sweep_throughput(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """close_expired_orders per worker count, alternated with the reference sweep (wechatpy in a thread pool,
+    bench/tasks/reference.py), each over a fresh backlog of the same size on the same database."""
     results: dict[str, Any] = {}
+    ours, reference = f"ours/{backend.name}", f"reference/{backend.name}"
     for workers in plan.workers:
-        sides = {f"ours/{b.name}": _sweep(b, sim, plan.sweep_orders, workers) for b in backends}
-        sides["wechatpy"] = _pool("wechatpy", sim, plan.pool_calls, workers)
+        sides = {ours: _measured("sweep", backend, sim, plan.sweep_orders, workers=workers),
+                 reference: _measured("reference", backend, sim, plan.sweep_orders, workers=workers)}
         repeats = plan.target_runs if workers == max(plan.workers) else 1
-        limit = _limit(workers, sim)
-        results[str(workers)] = {name: _summary(runs, limit) for name, runs in alternate(sides, repeats).items()}
+        runs = alternate(sides, repeats)
+        limit = _limit(workers, sim.latency)
+        results[str(workers)] = {
+            "sides": {name: _summary(samples, limit) for name, samples in runs.items()},
+            "ours_to_reference": _against(runs, ours, reference),
+        }
     return results
 
 
 def ceiling(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
-    """Zero latency, the largest worker count: the most closes/s one process gets out of this machine."""
+    """Zero latency, the largest worker count: the most closes/s one process gets out of this machine,
+    the sweeps with their database work and the bare clients without any."""
     workers = max(plan.workers)
     sides = {
-        f"ours/{backend.name} sweep": _sweep(backend, sim, plan.ceiling_calls, workers),
-        "ours client, event loop": _bare("loop", sim, plan.ceiling_calls, workers),
-        "ours client, thread pool": _pool("ours", sim, plan.ceiling_calls, workers),
-        "wechatpy, thread pool": _pool("wechatpy", sim, plan.ceiling_calls, workers),
+        f"ours/{backend.name}": _measured("sweep", backend, sim, plan.ceiling_calls, workers=workers),
+        f"reference/{backend.name}": _measured("reference", backend, sim, plan.ceiling_calls, workers=workers),
+        "our client, thread pool, no database": _bare("pool", sim, plan.ceiling_calls, workers, sender="ours"),
+        "wechatpy, thread pool, no database": _bare("pool", sim, plan.ceiling_calls, workers, sender="wechatpy"),
     }
     runs = alternate(sides, plan.ceiling_repeats)
-    return {"workers": workers, **{name: _summary(samples, None) for name, samples in runs.items()}}
+    return {"workers": workers, "sides": {name: _summary(samples, None) for name, samples in runs.items()}}
 
 
-def _processes(backend: Backend, sim: SimulatorProcess, orders: int, workers: int, count: int) -> Callable[[], Sample]:
-    def once() -> Sample:
-        runner.run("seed", backend=backend, orders=orders)
-        busy = BusyCores()
-        started = [runner.start("sweep", backend=backend, base_url=sim.base_url, workers=workers, analyse=False)
-                   for _ in range(count)]
-        runs = [runner.finish(process) for process in started]
-        busy_cores = busy.stop()
-        span = max(r["ended_epoch"] for r in runs) - min(r["started_epoch"] for r in runs)
-        handled = sum(r["handled"] for r in runs)
-        # The same windows as the sweep section, over every process's completions together.
-        windows = runner.run("audit", backend=backend)["window_closes_per_s"]
-        return {"handled": handled, "per_process": [r["handled"] for r in runs], "seconds": span,
-                "closes_per_s": handled / span, "window_closes_per_s": windows, "machine_busy_cores": busy_cores}
-
-    return once
+def _layout_name(processes: int, workers: int, latency: float) -> str:
+    return f"{processes} × {workers}, {latency * 1000:g} ms"
 
 
-def sweeper_processes(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
-    """One sweeper process against several sharing the same backlog and database (`plan.process_layouts`)."""
-    sides = {f"{count} × {workers}": _processes(backend, sim, plan.processes_orders, workers, count)
-             for count, workers in plan.process_layouts}
+def sweeper_processes(plan: Plan, backend: Backend, simulators: Mapping[float, SimulatorProcess]) -> dict[str, Any]:
+    """`close_expired_orders --processes P --workers W` over one shared backlog (`plan.process_layouts`),
+    alternated; every order must reach the simulator exactly once."""
+    sides = {_layout_name(p, w, latency): _measured("sweep", backend, simulators[latency], plan.processes_orders,
+                                                     workers=w, processes=p)
+             for p, w, latency in plan.process_layouts}
+    limits = {_layout_name(p, w, latency): _limit(p * w, latency) for p, w, latency in plan.process_layouts}
     runs = alternate(sides, plan.processes_repeats)
-    baseline = [r["closes_per_s"] for r in next(iter(runs.values()))]
-    limits = {f"{count} × {workers}": _limit(count * workers, sim) for count, workers in plan.process_layouts}
-
-    def windowed(samples: list[Sample], limit: float | None) -> dict[str, Any]:
-        throughput, against_limit = _windowed(samples, limit)
-        return {"window_closes_per_s": throughput.as_dict(), **against_limit}
-
     return {
         "orders": plan.processes_orders,
-        "layouts": {
-            name: {
-                **windowed(samples, limits[name]),
-                "closes_per_s": Figure.of([r["closes_per_s"] for r in samples]).as_dict(),
-                "seconds": Figure.of([r["seconds"] for r in samples]).as_dict(),
-                "to_first": ratio([r["closes_per_s"] for r in samples], baseline).as_dict(),
-                "machine_busy_cores": Figure.of([r["machine_busy_cores"] for r in samples]).as_dict(),
-            }
-            for name, samples in runs.items()
-        },
-        "runs": runs,
+        "layouts": {name: {"processes": p, "workers": w, "latency": latency,
+                           **_summary(runs[name], limits[name])}
+                    for (p, w, latency), name in zip(plan.process_layouts, runs, strict=True)},
     }
 
 
@@ -184,8 +223,9 @@ def memory(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any
     """Peak RSS of a dry-run sweep process per backlog size (seeded by another process)."""
     results = {}
     for orders in plan.memory_orders:
-        runner.run("seed", backend=backend, orders=orders)
+        seeded = runner.run("seed", backend=backend, orders=orders)
         run = runner.run("sweep", backend=backend, base_url=sim.base_url, workers=max(plan.workers), dry_run=True)
         results[str(orders)] = {"handled": run["handled"], "peak_rss_kib": run["peak_rss_kib"],
-                                "rss_before_sweep_kib": run["rss_before_sweep_kib"], "seconds": run["wall_s"]}
+                                "rss_before_sweep_kib": run["rss_before_sweep_kib"], "seconds": run["wall_s"],
+                                "seed_seconds": seeded["seconds"]}
     return results

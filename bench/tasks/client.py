@@ -21,7 +21,7 @@ def _cpu_per_call(close: Close, next_number: Callable[[], str], calls: int) -> f
 
 
 def run(*, base_url: str, calls: int, repeats: int, **_unused: Any) -> dict[str, Any]:
-    """µs of CPU per close for each sender, `repeats` alternated rounds of `calls` sequential closes."""
+    """µs of CPU per close for each sender, `repeats` alternated repeats of `calls` sequential closes."""
     next_number = order_numbers()
     senders = {name: factory(base_url) for name, factory in SENDERS.items()}
     for close in senders.values():

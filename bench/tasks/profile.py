@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from .. import django_env
-from .senders import ours, order_numbers
+from .senders import order_numbers, ours
 
 # First match wins: a function's file path → the area its self time is charged to.
 AREAS = (

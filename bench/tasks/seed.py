@@ -13,5 +13,5 @@ def run(*, orders: int, **_unused: Any) -> dict[str, Any]:
     django_env.setup()
     django_env.migrate()
     django_env.reset()
-    django_env.seed(orders)
-    return {"orders": orders, "seconds": time.perf_counter() - started}
+    prefix = django_env.seed(orders)
+    return {"orders": orders, "prefix": prefix, "seconds": time.perf_counter() - started}
