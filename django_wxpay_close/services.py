@@ -1,9 +1,9 @@
 """The only code that calls WeChat and changes an order's state.
 
 One close, start to finish, in one thread (`_Run.close`):
-1. start, in one transaction: claim the order (a lease on the database's clock, so no two callers have
-   closeorder in flight for it), complete as abandoned any row a lapsed claim left unfinished, and write
-   the audit row of the request about to leave;
+1. start: claim the order in one short transaction (a lease on the database's clock, so no two callers have
+   closeorder in flight for it), then write the audit row of the request about to leave (after a lapsed
+   claim, completing as abandoned the row it left unfinished, in the same transaction);
 2. send the signed request with the blocking client; no database lock is held meanwhile;
 3. record, in one transaction: apply the answer to the order (conditional on our claim and on the state the
    close started from) and complete the audit row.
