@@ -251,7 +251,17 @@ class ReadOnly:
         return False
 
 
-class CloseAttemptInline(ReadOnly, admin.TabularInline):
+class AuditInline(ReadOnly, admin.TabularInline):
+    """An audit record on its order's page: newest first, one line each, no blank rows to fill in."""
+
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    empty_value_display = "—"
+
+
+class CloseAttemptInline(AuditInline):
     model = CloseAttempt
     verbose_name = _("closeorder exchange")
     verbose_name_plural = _("Audit trail (newest first)")
@@ -259,11 +269,6 @@ class CloseAttemptInline(ReadOnly, admin.TabularInline):
                        "duration_ms", "xml")  # the URL, failover and raw fields are on the attempt's own page
     fields = readonly_fields
     ordering = ["-started_at", "-id"]
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = False
-    empty_value_display = "—"
 
     @admin.display(description=_("started"))
     def started(self, attempt: CloseAttempt) -> str:
@@ -283,7 +288,7 @@ class CloseAttemptInline(ReadOnly, admin.TabularInline):
         return _xml_details(attempt)
 
 
-class PaymentNotificationInline(ReadOnly, admin.TabularInline):
+class PaymentNotificationInline(AuditInline):
     """The order's payment notifications, read-only; the raw body is on each notification's own page."""
 
     model = PaymentNotification
@@ -292,11 +297,6 @@ class PaymentNotificationInline(ReadOnly, admin.TabularInline):
     readonly_fields = ("received", "verdict", "signature_verified", "transaction_id", "total_fee", "fee_type", "detail")
     fields = readonly_fields
     ordering = ["-received_at", "-id"]
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = False
-    empty_value_display = "—"
 
     @admin.display(description=_("received"))
     def received(self, notification: PaymentNotification) -> str:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -138,6 +139,15 @@ def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Ite
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds (a test's bound, never a figure)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
+        time.sleep(0.02)
 
 
 def require_faketime() -> None:

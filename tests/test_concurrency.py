@@ -29,6 +29,8 @@ from django_wxpay_close.models import ALLOWED_TRANSITIONS, CloseAttempt, Order, 
 from django_wxpay_close.testing import APPID, MCH_ID, SUB_MCH_ID, Fault, OrderKey, RecordedRequest, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 
+from .conftest import wait_for
+
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 ORDERS = 3000
@@ -115,12 +117,6 @@ def admin_close(client: Client, order_ids: list[int]) -> int:
     return response.status_code
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
-        time.sleep(0.02)
 
 
 def answer_of(attempt: CloseAttempt) -> str:

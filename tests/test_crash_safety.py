@@ -32,6 +32,8 @@ from django_wxpay_close.testing import MCH_ID, SUB_MCH_ID, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
 
+from .conftest import wait_for
+
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 ORDERS = 80
@@ -48,12 +50,6 @@ class Crash:
     orders: tuple[Order, ...]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s")
-        time.sleep(0.01)
 
 
 def sweep() -> None:

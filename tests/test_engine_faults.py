@@ -36,15 +36,7 @@ from django_wxpay_close.services import (
 from django_wxpay_close.testing import MCH_ID, SUB_MCH_ID, Fault, OrderKey, WeChatPaySimulator
 from django_wxpay_close.wechat import Outcome
 
-from .conftest import require_faketime
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s")
-        time.sleep(0.02)
+from .conftest import require_faketime, wait_for
 
 
 def each_sent_once(simulator: WeChatPaySimulator, orders: list[Order]) -> bool:
