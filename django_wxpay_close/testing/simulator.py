@@ -800,9 +800,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         """Close with SO_LINGER 0, so the peer gets a TCP RST rather than an orderly FIN."""
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # The buffered reader and writer hold references to the socket: the close is only real once they are closed.
-        self.rfile.close()
-        self.wfile.close()
+        # The buffered reader and writer hold references to the socket, so the reset leaves when `finish` closes
+        # them, right after this request; closing them here would break the server's own flush after it.
         self.connection.close()
 
     def log_message(self, format: str, *args: object) -> None:
