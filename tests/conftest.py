@@ -27,11 +27,29 @@ OTHER_MCH_ID = "10000200"
 OTHER_API_KEY = "OTHERKEY0OTHERKEY1OTHERKEY2OTHER"
 
 
+DATABASE_FIXTURES = frozenset({"db", "transactional_db", "django_db_setup"})
+
+
+def same_on_every_backend(item: pytest.Item) -> bool:
+    """Uses no database, or is a browser test (the admin's layout)."""
+    uses_database = bool(DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))) or bool(
+        item.get_closest_marker("django_db"))
+    return not uses_database or "browser" in item.keywords
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`postgres`-marked tests need a server database with row locks and SKIP LOCKED that several processes
     share: PostgreSQL, or MariaDB 10.6+ / MySQL 8 (vendor "mysql"; they pass there too). Elsewhere (SQLite) they
     skip with their reason; scripts/test runs them on PostgreSQL (and fails under CI=true when PostgreSQL cannot be
-    reached). The vendor decides, not connection.features: collection may not touch the database."""
+    reached). The vendor decides, not connection.features: collection may not touch the database.
+
+    With WXPAY_TESTS_BACKEND_ONLY=1 (scripts/test's passes after the first) only what can differ between backends
+    runs: not the tests that use no database (the wire client, the simulator, the settings checks), nor the
+    browser's layout tests.
+    """
+    if os.environ.get("WXPAY_TESTS_BACKEND_ONLY") == "1":
+        config.hook.pytest_deselected(items=[item for item in items if same_on_every_backend(item)])
+        items[:] = [item for item in items if not same_on_every_backend(item)]
     if connection.vendor in ("postgresql", "mysql"):
         return
     skip = pytest.mark.skip(reason=f"needs PostgreSQL or MariaDB (row locks, SKIP LOCKED), this run uses {connection.vendor} "
