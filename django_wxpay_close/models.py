@@ -3,7 +3,7 @@ only writer of state."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.validators import RegexValidator
@@ -143,16 +143,37 @@ class Order(models.Model):
 
 
 class AuditTrailError(Exception):
-    """The close audit trail is append-only: a row is written once, completed once, never edited or deleted."""
+    """An audit trail is append-only: a row is written once (a close attempt is completed once), never edited
+    or deleted."""
 
 
-class CloseAttemptQuerySet(models.QuerySet["CloseAttempt"]):
+_Row = TypeVar("_Row", bound=models.Model)
+
+
+class AppendOnlyQuerySet(models.QuerySet[_Row]):
     def delete(self) -> Any:
-        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
+        raise AuditTrailError(f"{self.model.__name__} rows are an audit trail and are never deleted.")
 
     def update(self, **kwargs: Any) -> int:
-        raise AuditTrailError("Close attempts are append-only; an unfinished one is completed once with complete().")
+        raise AuditTrailError(f"{self.model.__name__} rows are append-only and never edited.")
 
+
+class AppendOnly(models.Model):
+    """An audit record: saved once, never edited or deleted (its queryset refuses bulk edits and deletes too)."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditTrailError(f"{type(self).__name__} rows are append-only and never edited.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise AuditTrailError(f"{type(self).__name__} rows are an audit trail and are never deleted.")
+
+
+class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
     def unfinished(self) -> CloseAttemptQuerySet:
         return self.filter(completed_at__isnull=True)
 
@@ -162,7 +183,7 @@ class CloseAttemptQuerySet(models.QuerySet["CloseAttempt"]):
         return models.QuerySet.update(self.unfinished(), **fields)
 
 
-class CloseAttempt(models.Model):
+class CloseAttempt(AppendOnly):
     """One closeorder HTTP exchange: created before the request leaves, completed once after its answer.
 
     A row with no `completed_at` belongs to a request whose answer is not written yet: still in flight, or its
@@ -214,14 +235,6 @@ class CloseAttempt(models.Model):
         return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
             "out_trade_no": self.out_trade_no, "started": f"{self.started_at:%Y-%m-%d %H:%M:%S}", "status": status}
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise AuditTrailError("Close attempts are append-only; complete an unfinished one with complete().")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        raise AuditTrailError("Close attempts are an audit trail and are never deleted.")
-
     @property
     def is_finished(self) -> bool:
         return self.completed_at is not None
@@ -255,15 +268,7 @@ class NotificationVerdict(models.TextChoices):
     NOT_SUCCESS = "not_success", _("Payment not successful")
 
 
-class PaymentNotificationQuerySet(models.QuerySet["PaymentNotification"]):
-    def delete(self) -> Any:
-        raise AuditTrailError("Payment notifications are an audit trail and are never deleted.")
-
-    def update(self, **kwargs: Any) -> int:
-        raise AuditTrailError("Payment notifications are append-only; a row is never edited.")
-
-
-class PaymentNotification(models.Model):
+class PaymentNotification(AppendOnly):
     """One payment result notification as it arrived, and its verdict: written once, never edited or deleted.
 
     Every POST to the notify view leaves a row, believed or not; only `signature_verified` rows are WeChat's
@@ -293,7 +298,7 @@ class PaymentNotification(models.Model):
         verbose_name=_("order"),
     )
 
-    objects = PaymentNotificationQuerySet.as_manager()
+    objects = AppendOnlyQuerySet.as_manager()
 
     class Meta:
         ordering = ["-received_at", "-id"]
@@ -305,11 +310,3 @@ class PaymentNotification(models.Model):
         return gettext("notification %(out_trade_no)s at %(received)s: %(verdict)s") % {
             "out_trade_no": self.out_trade_no or "?", "received": f"{self.received_at:%Y-%m-%d %H:%M:%S}",
             "verdict": self.verdict}
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding:
-            raise AuditTrailError("Payment notifications are append-only; a row is never edited.")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> Any:
-        raise AuditTrailError("Payment notifications are an audit trail and are never deleted.")
