@@ -90,16 +90,19 @@ def _when_html(moment: datetime | None) -> SafeString | str:
     return format_html('<span class="wxpay-nowrap">{}</span> <span class="wxpay-nowrap">{}</span>', day, time)
 
 
-def _moment(field: str, description: Any, *, only_when_open: bool = False) -> Callable[..., Any]:
+def _moment(field: str, description: Any, *, only_when_open: bool = False, link: bool = False) -> Callable[..., Any]:
     """A display method for a datetime field in `_when`'s format (Django's own would be a second format).
 
     `only_when_open` shows "—" once the order is no longer open: a terminal order keeps its last
-    next_attempt_at, which means nothing any more.
+    next_attempt_at, which means nothing any more. `link` makes it a link to the row's own page (in an inline).
     """
 
     def show(self: admin.ModelAdmin[Any], obj: Model) -> SafeString | str:
         if only_when_open and getattr(obj, "state", OrderState.OPEN) != OrderState.OPEN:
             return "—"
+        if link:
+            page = reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
+            return format_html('<a href="{}">{}</a>', page, _when_html(getattr(obj, field)))
         return _when_html(getattr(obj, field))
 
     show.__name__ = field
@@ -251,6 +254,16 @@ class ReadOnly:
         return False
 
 
+class AppAdmin(admin.ModelAdmin):
+    """The app's look: its stylesheet, and "—" for an empty value (Django's "-" beside the "—" of the app's own
+    columns would be two signs for one thing)."""
+
+    empty_value_display = "—"
+
+    class Media:
+        css = {"all": ["django_wxpay_close/admin.css"]}
+
+
 class AuditInline(ReadOnly, admin.TabularInline):
     """An audit record on its order's page: newest first, one line each, no blank rows to fill in."""
 
@@ -269,11 +282,7 @@ class CloseAttemptInline(AuditInline):
                        "duration_ms", "xml")  # the URL, failover and raw fields are on the attempt's own page
     fields = readonly_fields
     ordering = ["-started_at", "-id"]
-
-    @admin.display(description=_("started"))
-    def started(self, attempt: CloseAttempt) -> str:
-        link = reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk])
-        return format_html('<a href="{}">{}</a>', link, _when_html(attempt.started_at))
+    started = _moment("started_at", _("started"), link=True)
 
     @admin.display(description=_("outcome"))
     def outcome_badge(self, attempt: CloseAttempt) -> str:
@@ -297,11 +306,7 @@ class PaymentNotificationInline(AuditInline):
     readonly_fields = ("received", "verdict", "signature_verified", "transaction_id", "total_fee", "fee_type", "detail")
     fields = readonly_fields
     ordering = ["-received_at", "-id"]
-
-    @admin.display(description=_("received"))
-    def received(self, notification: PaymentNotification) -> str:
-        link = reverse("admin:django_wxpay_close_paymentnotification_change", args=[notification.pk])
-        return format_html('<a href="{}">{}</a>', link, _when_html(notification.received_at))
+    received = _moment("received_at", _("received"), link=True)
 
 
 def outcome_badge(attempt: CloseAttempt) -> str:
@@ -323,11 +328,6 @@ def _settings_or_none() -> CloseSettings | None:
         return None
 
 
-def _skip_reason(order: Order, blocker: str) -> str:
-    """why_not_closable's reason (plain English, a catalogue entry) in the reader's language."""
-    return gettext(blocker)
-
-
 def _not_sent_summary(skipped: list[tuple[Order, str]]) -> str:
     """'2 not sent: it is paid (1); younger than MIN_ORDER_AGE … (1)'."""
     counts = Counter(reason for _order, reason in skipped)
@@ -346,7 +346,7 @@ def _as_sentence(text: str) -> str:
 
 
 @admin.register(Order)
-class OrderAdmin(admin.ModelAdmin):
+class OrderAdmin(AppAdmin):
     # Fits the 790 px that a 1440 px screen leaves between Django's navigation and filter sidebars, even with
     # 32-character order numbers: the merchant is under the order number, state and "overdue" are one badge, the
     # last outcome and error one column that wraps, dates may break between day and time, and the counts and
@@ -367,12 +367,6 @@ class OrderAdmin(admin.ModelAdmin):
                                    ("last_attempt_at_when", "next_attempt_at_when"),
                                    ("last_outcome", "last_error"), "claim_expires_at_when"]}),
     ]
-
-    # Django's "-" beside the "—" of the app's own columns would be two signs for one thing.
-    empty_value_display = "—"
-
-    class Media:
-        css = {"all": ["django_wxpay_close/admin.css"]}
 
     # The list's date columns, short headings; the page's, the fields' own names. All in `_when`'s format.
     next_attempt = _moment("next_attempt_at", _("next attempt"), only_when_open=True)
@@ -474,7 +468,7 @@ class OrderAdmin(admin.ModelAdmin):
         orders = list(queryset.order_by("payment_deadline", "pk"))
         plan = [(order, why_not_closable(order, now=now, min_order_age=settings.min_order_age)) for order in orders]
         to_send = [order for order, blocker in plan if blocker is None]
-        skipped = [(order, _skip_reason(order, blocker)) for order, blocker in plan if blocker]
+        skipped = [(order, _stored_reason(blocker)) for order, blocker in plan if blocker]
         if request.POST.get("confirm") != "yes":
             return TemplateResponse(request, "admin/django_wxpay_close/order/close_selected_confirmation.html", {
                 **self.admin_site.each_context(request),
@@ -513,7 +507,7 @@ class OrderAdmin(admin.ModelAdmin):
 
 
 @admin.register(CloseAttempt)
-class CloseAttemptAdmin(ReadOnly, admin.ModelAdmin):
+class CloseAttemptAdmin(ReadOnly, AppAdmin):
     """The audit list: searchable and filterable; nobody can add, edit or delete a row."""
 
     list_display = ["started", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
@@ -528,11 +522,6 @@ class CloseAttemptAdmin(ReadOnly, admin.ModelAdmin):
                        "err_code_des", "signature_verified", "request", "request_pretty", "response",
                        "response_pretty")
     fields = readonly_fields
-
-    empty_value_display = "—"
-
-    class Media:
-        css = {"all": ["django_wxpay_close/admin.css"]}
 
     started = _moment("started_at", _("started at"))
     completed = _moment("completed_at", _("completed at"))
@@ -563,7 +552,7 @@ class CloseAttemptAdmin(ReadOnly, admin.ModelAdmin):
 
 
 @admin.register(PaymentNotification)
-class PaymentNotificationAdmin(ReadOnly, admin.ModelAdmin):
+class PaymentNotificationAdmin(ReadOnly, AppAdmin):
     """Every payment notification received, believed or not; nobody can add, edit or delete a row."""
 
     list_display = ["received", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
@@ -575,11 +564,6 @@ class PaymentNotificationAdmin(ReadOnly, admin.ModelAdmin):
     readonly_fields = ("received", "verdict", "detail", "order", "signature_verified", "mch_id", "sub_mch_id",
                        "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body", "body_pretty")
     fields = readonly_fields
-
-    empty_value_display = "—"
-
-    class Media:
-        css = {"all": ["django_wxpay_close/admin.css"]}
 
     received = _moment("received_at", _("received at"))
 
