@@ -12,7 +12,13 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from django_wxpay_close.management.commands.close_expired_orders import parse_duration
+from django_wxpay_close.management.commands.close_expired_orders import (
+    EXIT_FAILED,
+    merge_summaries,
+    parse_duration,
+    summarise,
+)
+from django_wxpay_close.services import CloseAction, CloseReport
 from django_wxpay_close.models import Order, OrderState
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
@@ -124,6 +130,16 @@ def test_two_processes_share_the_backlog_and_report_one_summary(make_order, simu
     summary = json.loads(out)
     assert summary["processes"] == 2 and summary["by_action"] == {"closed": 12} and summary["exit_status"] == 0, err
     assert all(simulator.close_requests_for(o.out_trade_no) == 1 for o in orders)
+
+
+def test_a_sweeper_process_that_printed_no_summary_fails_the_run_though_another_put_orders_on_hold():
+    held = CloseReport()
+    held.by_action[CloseAction.PUT_ON_HOLD] = 2
+    held.by_merchant[("default", CloseAction.PUT_ON_HOLD)] = 2
+    crashed = {"exit_status": -9, "problems": "a sweeper process exited with status -9"}
+    merged = merge_summaries([summarise(held.finish(), dry_run=False), crashed])
+    assert (merged["exit_status"], merged["ok"], merged["total"], merged["processes"]) == (EXIT_FAILED, False, 2, 2)
+    assert merged["problems"] == "2 need attention; a sweeper process exited with status -9"
 
 
 def test_dry_run_lists_each_due_order(make_order, simulator):

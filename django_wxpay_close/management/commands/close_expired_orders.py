@@ -294,43 +294,28 @@ def summarise(report: CloseReport, *, dry_run: bool, database_error: str = "") -
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary for several sweeper processes' (a process that printed none counts as failed)."""
-    by_action: dict[str, int] = {}
-    by_merchant: dict[str, dict[str, int]] = {}
-    reasons: dict[tuple[str, str], int] = {}
+    report = CloseReport()
     for summary in summaries:
         for action, count in summary.get("by_action", {}).items():
-            by_action[action] = by_action.get(action, 0) + count
+            report.by_action[CloseAction(action)] += count
         for merchant, counts in summary.get("by_merchant", {}).items():
             for action, count in counts.items():
-                by_merchant.setdefault(merchant, {})[action] = by_merchant.get(merchant, {}).get(action, 0) + count
+                report.by_merchant[(merchant, CloseAction(action))] += count
         for row in summary.get("reasons", []):
-            reasons[(row["action"], row["reason"])] = reasons.get((row["action"], row["reason"]), 0) + row["count"]
-    report = CloseReport()
-    for action, count in by_action.items():
-        report.by_action[CloseAction(action)] = count
-    started = [s["started_at"] for s in summaries if "started_at" in s] or [report.started_at.isoformat()]
-    finished = [s["finished_at"] for s in summaries if "finished_at" in s] or started
-    merged = {
-        "dry_run": False,
-        "total": sum(by_action.values()),
-        "started_at": min(started),
-        "finished_at": max(finished),
-        "seconds": (datetime.fromisoformat(max(finished)) - datetime.fromisoformat(min(started))).total_seconds(),
-        "by_action": by_action,
-        "by_merchant": dict(sorted(by_merchant.items())),
-        "reasons": [{"action": a, "reason": r, "count": n}
-                    for (a, r), n in sorted(reasons.items(), key=lambda item: -item[1])],
-        "halted_merchants": {m: r for s in summaries for m, r in s.get("halted_merchants", {}).items()},
-        "stopped_early": "; ".join(sorted({s["stopped_early"] for s in summaries if s.get("stopped_early")})),
-        "database_error": "; ".join(sorted({s["database_error"] for s in summaries if s.get("database_error")})),
-        "sentence": report.sentence(),
-        "processes": len(summaries),
-    }
-    merged = _completed(merged)
+            report.by_reason[(CloseAction(row["action"]), row["reason"])] += row["count"]
+        report.halted_merchants.update(summary.get("halted_merchants", {}))
+    report.started_at = min((datetime.fromisoformat(s["started_at"]) for s in summaries if "started_at" in s),
+                            default=report.started_at)
+    report.finished_at = max((datetime.fromisoformat(s["finished_at"]) for s in summaries if "finished_at" in s),
+                             default=report.started_at)
+    report.stopped_early = "; ".join(sorted({s["stopped_early"] for s in summaries if s.get("stopped_early")}))
+    database_error = "; ".join(sorted({s["database_error"] for s in summaries if s.get("database_error")}))
+    merged = {**summarise(report, dry_run=False, database_error=database_error), "processes": len(summaries)}
     failed_children = [s for s in summaries if "by_action" not in s]
     if failed_children:
-        merged["exit_status"] = max(merged["exit_status"], EXIT_FAILED) if merged["exit_status"] != EXIT_DATABASE \
-            else EXIT_DATABASE
+        if merged["exit_status"] not in (EXIT_DATABASE, EXIT_CONFIGURATION):  # the two that outrank a failure
+            merged["exit_status"] = EXIT_FAILED
+        merged["ok"] = False
         merged["problems"] = "; ".join(filter(None, [merged["problems"], *(s["problems"] for s in failed_children)]))
     return merged
 
