@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -69,9 +70,18 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             connections.close_all()
 
 
+def _has_cjk_font() -> bool:
+    fc_list = shutil.which("fc-list")
+    return bool(fc_list and subprocess.run([fc_list, ":lang=zh"], capture_output=True, text=True).stdout.strip())
+
+
 @pytest.fixture
 def screenshots(tmp_path: Path) -> Path:
-    return README_SCREENSHOTS if os.environ.get("WXPAY_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    if os.environ.get("WXPAY_UPDATE_SCREENSHOTS") != "1":
+        return tmp_path
+    if not _has_cjk_font():  # Chromium would draw the Chinese pages' text as boxes, over the good screenshots
+        pytest.fail("WXPAY_UPDATE_SCREENSHOTS=1 needs a CJK font for the Chinese pages: apt-get install fonts-noto-cjk")
+    return README_SCREENSHOTS
 
 
 def log_in(page: Any, base_url: str) -> None:
