@@ -18,7 +18,8 @@ from django.db import connection
 from django.utils import timezone
 
 from django_wxpay_close.models import Order
-from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID, OrderState, WeChatPaySimulator
+from django_wxpay_close.services import close_order
+from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID, Fault, OrderState, WeChatPaySimulator
 
 # The fixtures of django_wxpay_close.testing.pytest_plugin (wxpay_simulator, wxpay_close_settings) come from its
 # pytest11 entry point, as in any project that installs the package (scripts/test runs `pip install -e`).
@@ -157,6 +158,14 @@ def start_sweeper(wxpay_settings: dict[str, Any], transactional_db: None) -> Ite
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def closed_at_the_second_try(order: Order, simulator: WeChatPaySimulator) -> Order:
+    """`order` closed by its second exchange, the first answered SYSTEMERROR: two rows in its audit trail."""
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+    close_order(order)  # refreshes `order`
+    close_order(order)
+    return order
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> None:

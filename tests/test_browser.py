@@ -23,9 +23,10 @@ from django.db import connections
 from django.utils import timezone
 
 from django_wxpay_close.models import Order, OrderState
-from django_wxpay_close.services import close_order
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
+
+from .conftest import closed_at_the_second_try
 
 pytestmark = pytest.mark.browser
 
@@ -188,13 +189,7 @@ def a_busy_order_list(make_order: Any, simulator: Any) -> Order:
     make_order("2026050112345678901234567890ABCD", state=OrderState.UNKNOWN_TO_WECHAT, attempt_count=3,
                last_outcome="not_found", last_error="ORDERNOTEXIST: order does not exist",
                next_attempt_at=now + timedelta(minutes=5))
-    busy = make_order("TWO-EXCHANGES-0001", remote=RemoteState.NOTPAY)
-    simulator.inject(Fault.SYSTEMERROR, out_trade_no=busy.out_trade_no)
-    close_order(busy)
-    busy.refresh_from_db()
-    close_order(busy)
-    busy.refresh_from_db()
-    return busy
+    return closed_at_the_second_try(make_order("TWO-EXCHANGES-0001", remote=RemoteState.NOTPAY), simulator)
 
 
 def open_order_page_with_xml(page: Any, base_url: str, order: Order) -> None:

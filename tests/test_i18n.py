@@ -22,8 +22,8 @@ from django.utils import translation
 
 import django_wxpay_close
 from django_wxpay_close.models import Order
-from django_wxpay_close.services import close_order
-from django_wxpay_close.testing import Fault
+
+from .conftest import closed_at_the_second_try
 
 LOCALE = Path(django_wxpay_close.__file__).resolve().parent / "locale"
 LANGUAGES = {"zh-hans": "zh_Hans", "zh-hant": "zh_Hant"}  # language code -> locale directory
@@ -44,13 +44,7 @@ EXPECTED = {
 @pytest.fixture
 def closed_after_a_retry(make_order: Any, simulator: Any) -> Order:
     """An order with two exchanges in its audit trail: SYSTEMERROR, then closed."""
-    order = make_order("I18N-1")
-    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
-    close_order(order)
-    order.refresh_from_db()
-    close_order(order)
-    order.refresh_from_db()
-    return order
+    return closed_at_the_second_try(make_order("I18N-1"), simulator)
 
 
 def get(client: Client, url: str, language: str) -> str:
