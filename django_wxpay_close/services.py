@@ -548,8 +548,8 @@ class _Run:
         order, attempt = started.order, started.attempt
         answer = _audit_answer(result)
         with transaction.atomic(using=self.db):
-            row = CloseAttempt.objects.using(self.db).filter(pk=attempt.pk)
-            if retrying and row.filter(outcome=answer["outcome"], response_body=answer["response_body"]).exists():
+            if retrying and CloseAttempt.objects.using(self.db).filter(
+                    pk=attempt.pk, outcome=answer["outcome"], response_body=answer["response_body"]).exists():
                 # The commit of the try before landed, though its acknowledgement was lost with the connection.
                 return _order_result(order, decision.action, decision.reason, result=result, attempt=attempt)
             # The order first: its row lock keeps other sweepers off it until the answer is committed.
