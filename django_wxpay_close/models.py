@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.validators import RegexValidator
-from django.db import models
+from django.db import models, router
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext
@@ -57,7 +57,7 @@ class Trigger(models.TextChoices):
     CODE = "code", _("Application code")
 
 
-# Outcome labels for people. wechat/ stays free of Django, so its English `Outcome.label` is translated here;
+# Outcome labels for people (wechat/ stays free of Django, so they are defined and translated here);
 # the msgids are the English labels, so an untranslated page reads exactly as before.
 OUTCOME_LABELS: dict[Outcome, Any] = {
     Outcome.CLOSED: _("closed"),
@@ -140,6 +140,12 @@ class Order(models.Model):
     @property
     def is_overdue(self) -> bool:
         return self.state == OrderState.OPEN and self.payment_deadline <= timezone.now()
+
+
+def write_database() -> str:
+    """The database the router picks for writes to orders: claims, state changes and the reads that decide them
+    all go there, so a read replica's lag never decides who closes an order."""
+    return router.db_for_write(Order)
 
 
 class AuditTrailError(Exception):

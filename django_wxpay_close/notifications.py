@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import models, router, transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from . import services, signals
 from .conf import MerchantSettings, load_settings
-from .models import NotificationVerdict, Order, OrderState, PaymentNotification, stored_text
+from .models import NotificationVerdict, Order, OrderState, PaymentNotification, stored_text, write_database
 from .wechat import DEFAULT_MAX_BODY_BYTES, InvalidXMLBody, Notification, notification_reply, read_notification
 
 __all__ = ["ACKNOWLEDGED_VERDICTS", "MAX_NOTIFICATION_BYTES", "NotificationResult", "handle_payment_notification"]
@@ -55,12 +55,6 @@ _FAIL_MESSAGES = {
     NotificationVerdict.BAD_SIGNATURE: "signature failure",
     NotificationVerdict.UNKNOWN_ORDER: "order not found",
 }
-
-def _orders_database() -> str:
-    """The database orders are written to (the router's choice): a notification is checked against it, not a
-    replica that may lag."""
-    return router.db_for_write(Order)
-
 
 _COLUMNS = ("mch_id", "sub_mch_id", "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code")
 
@@ -99,7 +93,7 @@ def handle_payment_notification(body: bytes) -> NotificationResult:
     if merchant is None:
         return _finish(NotificationVerdict.BAD_SIGNATURE, row, _why_unverified(notification, candidates[0]))
 
-    order = Order.objects.using(_orders_database()).filter(
+    order = Order.objects.using(write_database()).filter(
         mch_id=notification.mch_id, sub_mch_id=notification.sub_mch_id, out_trade_no=notification.out_trade_no
     ).first()
     if notification.return_code != "SUCCESS" or notification.result_code != "SUCCESS":
@@ -113,7 +107,7 @@ def handle_payment_notification(body: bytes) -> NotificationResult:
     mismatch = _mismatch(order, notification)
     if mismatch:
         result = _finish(NotificationVerdict.AMOUNT_MISMATCH, row, f"{mismatch}; not recorded as paid", order=order)
-        signals.send_after_commit(signals.payment_mismatch, order, using=_orders_database(),
+        signals.send_after_commit(signals.payment_mismatch, order, using=write_database(),
                                   notification=result.notification, attempt=None)
         return result
     return _record_payment(order, notification, row)
@@ -121,12 +115,12 @@ def handle_payment_notification(body: bytes) -> NotificationResult:
 
 def _record_payment(order: Order, notification: Notification, row: dict[str, Any]) -> NotificationResult:
     # One transaction: the order's new state and the row that explains it are committed together.
-    with transaction.atomic(using=_orders_database()):
+    with transaction.atomic(using=write_database()):
         was_paid = order.state == OrderState.PAID
         try:
             services.record_payment(order=order, paid_at=notification.paid_at or timezone.now())
         except services.InvalidTransition:
-            order.refresh_from_db(using=_orders_database())
+            order.refresh_from_db(using=write_database())
             if order.state != OrderState.CLOSED:
                 raise  # not a state a payment is refused in: a bug, answered 500 so WeChat tries again
             result = _finish(
@@ -134,7 +128,7 @@ def _record_payment(order: Order, notification: Notification, row: dict[str, Any
                 f"WeChat took a payment (transaction_id {notification.transaction_id[:40]!r}) for an order we had "
                 "closed; it stays closed: refund the payer or fulfil the order", order=order,
             )
-            signals.send_after_commit(signals.payment_for_closed_order, order, using=_orders_database(),
+            signals.send_after_commit(signals.payment_for_closed_order, order, using=write_database(),
                                       notification=result.notification, attempt=None)
             return result
         # A repeat of a notification already recorded; two copies racing both read "not paid" and are both

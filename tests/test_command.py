@@ -12,13 +12,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from django_wxpay_close.management.commands.close_expired_orders import (
-    EXIT_FAILED,
-    merge_summaries,
-    parse_duration,
-    summarise,
-)
-from django_wxpay_close.services import CloseAction, CloseReport
+from django_wxpay_close.management.commands.close_expired_orders import parse_duration
+from django_wxpay_close.reports import EXIT_FAILED, CloseAction, CloseReport, merge_summaries, summarise
 from django_wxpay_close.models import Order, OrderState
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState

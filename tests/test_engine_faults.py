@@ -26,13 +26,8 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
-from django_wxpay_close.services import (
-    ABANDONED,
-    BREAKER_MIN_EXCHANGES,
-    CloseAction,
-    close_order,
-    sweep_expired_orders,
-)
+from django_wxpay_close.services import ABANDONED, CloseAction, close_order, sweep_expired_orders
+from django_wxpay_close.services.engine import BREAKER_MIN_EXCHANGES
 from django_wxpay_close.testing import MCH_ID, SUB_MCH_ID, Fault, OrderKey, WeChatPaySimulator
 from django_wxpay_close.wechat import Outcome
 

@@ -16,7 +16,6 @@ from django_wxpay_close import signals
 from django_wxpay_close.conf import load_settings
 from django_wxpay_close.models import AuditTrailError, CloseAttempt, Order, OrderState, Trigger
 from django_wxpay_close.services import (
-    MERCHANT_HALTED,
     CloseAction,
     InvalidTransition,
     ReorderVerdict,
@@ -27,6 +26,7 @@ from django_wxpay_close.services import (
     record_payment,
     sweep_expired_orders,
 )
+from django_wxpay_close.services.engine import MERCHANT_HALTED
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome

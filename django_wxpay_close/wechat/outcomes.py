@@ -24,8 +24,9 @@ class Outcome(str, Enum):
     UNEXPECTED_ERROR = "unexpected_error"  # any other err_code, recorded verbatim
 
     @property
-    def label(self) -> str:
-        return self.value.replace("_", " ")
+    def failed_in_transport(self) -> bool:
+        """No WeChat answer came back (no HTTP answer, or one that is not WeChat's XML)."""
+        return self in (Outcome.NETWORK_ERROR, Outcome.INVALID_RESPONSE)
 
     @property
     def order_is_closed(self) -> bool:

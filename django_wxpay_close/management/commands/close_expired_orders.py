@@ -29,24 +29,23 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils.translation import gettext, ngettext, pgettext
+from django.utils.translation import gettext, ngettext
 
 from django_wxpay_close.conf import MAX_WORKERS
-from django_wxpay_close.selectors import orders_waiting_for_retry
-from django_wxpay_close.services import (
+from django_wxpay_close.reports import (
+    EXIT_CONFIGURATION,
+    EXIT_DATABASE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
     CloseAction,
     CloseReport,
-    DatabaseUnavailable,
     OrderCloseResult,
-    sweep_expired_orders,
+    merge_summaries,
+    summarise,
 )
+from django_wxpay_close.selectors import orders_waiting_for_retry
+from django_wxpay_close.services import DatabaseUnavailable, sweep_expired_orders
 
-EXIT_FAILED = 1
-EXIT_CONFIGURATION = 3
-EXIT_ATTENTION = 4
-EXIT_DATABASE = 5
-EXIT_UNREACHABLE = 6
-EXIT_INTERRUPTED = 130  # as a shell reports a process stopped by Ctrl-C
 MAX_PROCESSES = 32
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -254,80 +253,6 @@ class Command(BaseCommand):
         for merchant, reason in sorted(summary["halted_merchants"].items()):
             self.stderr.write(self.style.ERROR(gettext("Merchant %(merchant)r halted for this run: %(reason)s")
                                                % {"merchant": merchant, "reason": reason}))
-
-
-def exit_status(by_action: dict[str, int], *, database_error: str, stopped_early: str) -> int:
-    """The command's exit status for a run's counts (see the module docstring)."""
-    if database_error:
-        return EXIT_DATABASE
-    if by_action.get(CloseAction.CONFIGURATION_ERROR.value):
-        return EXIT_CONFIGURATION
-    if by_action.get(CloseAction.FAILED.value) or by_action.get(CloseAction.CLAIM_LOST.value):
-        return EXIT_FAILED
-    if by_action.get(CloseAction.PUT_ON_HOLD.value):
-        return EXIT_ATTENTION
-    return EXIT_UNREACHABLE if stopped_early else 0
-
-
-def summarise(report: CloseReport, *, dry_run: bool, database_error: str = "") -> dict[str, Any]:
-    finished = report.finished_at or report.started_at
-    by_action = {action.value: count for action, count in report.by_action.items()}
-    return _completed({
-        "dry_run": dry_run,
-        "total": report.total,
-        "started_at": report.started_at.isoformat(),
-        "finished_at": finished.isoformat(),
-        "seconds": (finished - report.started_at).total_seconds(),
-        "by_action": by_action,
-        "by_merchant": {
-            merchant: {action.value: count for (m, action), count in report.by_merchant.items() if m == merchant}
-            for merchant in sorted({m for m, _ in report.by_merchant})
-        },
-        "reasons": [{"action": action.value, "reason": reason, "count": count}
-                    for (action, reason), count in report.by_reason.most_common()],
-        "halted_merchants": report.halted_merchants,
-        "stopped_early": report.stopped_early,
-        "database_error": database_error,
-        "sentence": report.sentence(),
-    })
-
-
-def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """One summary for several sweeper processes' (a process that printed none counts as failed)."""
-    report = CloseReport()
-    for summary in summaries:
-        for action, count in summary.get("by_action", {}).items():
-            report.by_action[CloseAction(action)] += count
-        for merchant, counts in summary.get("by_merchant", {}).items():
-            for action, count in counts.items():
-                report.by_merchant[(merchant, CloseAction(action))] += count
-        for row in summary.get("reasons", []):
-            report.by_reason[(CloseAction(row["action"]), row["reason"])] += row["count"]
-        report.halted_merchants.update(summary.get("halted_merchants", {}))
-    report.started_at = min((datetime.fromisoformat(s["started_at"]) for s in summaries if "started_at" in s),
-                            default=report.started_at)
-    report.finished_at = max((datetime.fromisoformat(s["finished_at"]) for s in summaries if "finished_at" in s),
-                             default=report.started_at)
-    report.stopped_early = "; ".join(sorted({s["stopped_early"] for s in summaries if s.get("stopped_early")}))
-    database_error = "; ".join(sorted({s["database_error"] for s in summaries if s.get("database_error")}))
-    merged = {**summarise(report, dry_run=False, database_error=database_error), "processes": len(summaries)}
-    failed_children = [s for s in summaries if "by_action" not in s]
-    if failed_children:
-        if merged["exit_status"] not in (EXIT_DATABASE, EXIT_CONFIGURATION):  # the two that outrank a failure
-            merged["exit_status"] = EXIT_FAILED
-        merged["ok"] = False
-        merged["problems"] = "; ".join(filter(None, [merged["problems"], *(s["problems"] for s in failed_children)]))
-    return merged
-
-
-def _completed(summary: dict[str, Any]) -> dict[str, Any]:
-    status = exit_status(summary["by_action"], database_error=summary["database_error"],
-                         stopped_early=summary["stopped_early"])
-    alarms = [CloseAction(a).counted(n) for a, n in summary["by_action"].items() if n and CloseAction(a).is_alarm]
-    stopped = [gettext("stopped early (%(reason)s)") % {"reason": summary["stopped_early"]}] \
-        if summary["stopped_early"] else []
-    problems = pgettext("list separator", ", ").join(alarms + stopped)
-    return {**summary, "exit_status": status, "problems": problems, "ok": status == 0}
 
 
 class _Progress:

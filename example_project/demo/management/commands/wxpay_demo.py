@@ -30,7 +30,7 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from django_wxpay_close.conf import load_settings
-from django_wxpay_close.management.commands.close_expired_orders import (
+from django_wxpay_close.reports import (
     EXIT_ATTENTION,
     EXIT_CONFIGURATION,
     EXIT_DATABASE,

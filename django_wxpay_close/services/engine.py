@@ -25,113 +25,34 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from enum import Enum
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
-from django.utils.translation import gettext, gettext_lazy, gettext_noop, ngettext_lazy, pgettext
+from django.utils.translation import gettext_noop
 
-from . import signals
-from .conf import CloseSettings, load_settings
-from .models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger, stored_text
-from .selectors import CLAIMED_ELSEWHERE, TOO_YOUNG, claimable, orders_due_for_closing, why_not_closable
-from .wechat import (
+from .. import signals
+from ..conf import CloseSettings, load_settings
+from ..models import ALLOWED_TRANSITIONS, CloseAttempt, Order, OrderState, Trigger, stored_text, write_database
+from ..reports import CloseAction, CloseReport, OrderCloseResult
+from ..selectors import CLAIMED_ELSEWHERE, TOO_YOUNG, claimable, orders_due_for_closing, why_not_closable
+from ..wechat import (
     CloseOrderClient,
     CloseResult,
     InvalidRequestField,
     Merchant,
     Outcome,
     PreparedClose,
-    validate_out_trade_no,
 )
-
-__all__ = [
-    "CloseAction",
-    "CloseReport",
-    "DatabaseUnavailable",
-    "InvalidTransition",
-    "OrderCloseResult",
-    "ReorderAnswer",
-    "ReorderVerdict",
-    "close_before_reorder",
-    "close_order",
-    "close_orders",
-    "create_order",
-    "lift_hold",
-    "record_payment",
-    "sweep_expired_orders",
-]
+from .orders import InvalidTransition
 
 logger = logging.getLogger("django_wxpay_close")
 T = TypeVar("T")
 
-
-class CloseAction(str, Enum):
-    """What the service did with one order; the summaries count these."""
-
-    CLOSED = "closed"
-    ALREADY_CLOSED = "already_closed"
-    FOUND_PAID = "found_paid"
-    RETRY_SCHEDULED = "retry_scheduled"
-    MARKED_UNKNOWN = "unknown_to_wechat"  # ORDERNOTEXIST until retries ran out
-    PUT_ON_HOLD = "on_hold"  # a person must look: untrusted answer, our bug, retries spent
-    CONFIGURATION_ERROR = "configuration_error"  # wrong key/sign type/merchant: the order is backed off
-    SKIPPED = "skipped"  # nothing sent; `reason` says why
-    CLAIM_LOST = "claim_lost"  # answered after another caller took the order over: nothing applied
-    FAILED = "failed"  # an unexpected error on our side (logged with its traceback)
-
-    @property
-    def label(self) -> str:
-        return str(_ACTION_LABELS[self])
-
-    def counted(self, count: int) -> str:
-        """'1 was already paid', '2 were already paid': the label with its count, grammatical in each language."""
-        return _ACTION_SINGULAR[self] % {"count": count}
-
-    @property
-    def is_alarm(self) -> bool:
-        """Something cron monitoring should hear about (non-zero exit status)."""
-        return self in (CloseAction.CONFIGURATION_ERROR, CloseAction.PUT_ON_HOLD, CloseAction.CLAIM_LOST,
-                        CloseAction.FAILED)
-
-
-# Lazy: translated when a summary is built, in the language active then (the admin's request, the command's
-# LANGUAGE_CODE).
-_ACTION_LABELS = {
-    CloseAction.CLOSED: gettext_lazy("closed"),
-    CloseAction.ALREADY_CLOSED: gettext_lazy("were already closed"),
-    CloseAction.FOUND_PAID: gettext_lazy("were already paid"),
-    CloseAction.RETRY_SCHEDULED: gettext_lazy("will be retried"),
-    CloseAction.MARKED_UNKNOWN: gettext_lazy("were never known to WeChat"),
-    CloseAction.PUT_ON_HOLD: gettext_lazy("need attention"),
-    CloseAction.CONFIGURATION_ERROR: gettext_lazy("hit a configuration error"),
-    CloseAction.SKIPPED: gettext_lazy("were skipped"),
-    CloseAction.CLAIM_LOST: gettext_lazy("were answered after another close took them over"),
-    CloseAction.FAILED: gettext_lazy("failed unexpectedly"),
-}
-# The counted phrases, through ngettext: English has two forms, Chinese one, other languages more.
-_ACTION_SINGULAR = {
-    CloseAction.CLOSED: ngettext_lazy("%(count)d closed", "%(count)d closed", "count"),
-    CloseAction.ALREADY_CLOSED: ngettext_lazy("%(count)d was already closed", "%(count)d were already closed", "count"),
-    CloseAction.FOUND_PAID: ngettext_lazy("%(count)d was already paid", "%(count)d were already paid", "count"),
-    CloseAction.RETRY_SCHEDULED: ngettext_lazy("%(count)d will be retried", "%(count)d will be retried", "count"),
-    CloseAction.MARKED_UNKNOWN: ngettext_lazy("%(count)d was never known to WeChat",
-                                              "%(count)d were never known to WeChat", "count"),
-    CloseAction.PUT_ON_HOLD: ngettext_lazy("%(count)d needs attention", "%(count)d need attention", "count"),
-    CloseAction.CONFIGURATION_ERROR: ngettext_lazy("%(count)d hit a configuration error",
-                                                   "%(count)d hit a configuration error", "count"),
-    CloseAction.SKIPPED: ngettext_lazy("%(count)d was skipped", "%(count)d were skipped", "count"),
-    CloseAction.CLAIM_LOST: ngettext_lazy("%(count)d was answered after another close took it over",
-                                          "%(count)d were answered after another close took them over", "count"),
-    CloseAction.FAILED: ngettext_lazy("%(count)d failed unexpectedly", "%(count)d failed unexpectedly", "count"),
-}
-
-# Stored in CloseAttempt.reason and compared as they are, so they stay plain English: gettext_noop only puts them
 # in the catalogue, and the admin translates them when it shows a stored reason.
 MERCHANT_HALTED = gettext_noop(
     "its merchant is halted for this run: two of its orders in a row hit a configuration error")
@@ -146,12 +67,7 @@ BREAKER_MIN_EXCHANGES = 5
 BREAKER_SHARE = 0.8
 # Reconnect delays (seconds) after a lost database connection; then the database counts as unavailable.
 DATABASE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
-_TRANSPORT_FAILURES = frozenset({Outcome.NETWORK_ERROR, Outcome.INVALID_RESPONSE})
 _BOOKKEEPING = ("attempt_count", "last_attempt_at", "last_outcome", "last_error")  # written with every answer
-
-
-class InvalidTransition(Exception):
-    """A state change the transition table does not allow (e.g. a payment for a closed order)."""
 
 
 class DatabaseUnavailable(Exception):
@@ -163,89 +79,6 @@ class DatabaseUnavailable(Exception):
     def __init__(self, message: str, report: CloseReport | None = None) -> None:
         super().__init__(message)
         self.report = report
-
-
-@dataclass(frozen=True)
-class OrderCloseResult:
-    order_id: int
-    out_trade_no: str
-    merchant: str
-    action: CloseAction
-    reason: str = ""
-    outcome: Outcome | None = None  # None when nothing was sent
-    attempt_id: int | None = None
-    duration: float = 0.0  # seconds spent on the HTTP exchange
-    url: str = ""  # the URL that answered, or the last one tried
-
-    @property
-    def summary_key(self) -> str:
-        """A short, low-cardinality reason for summaries: the err_code or outcome, else the reason; a transport
-        failure names the URL, which is what an operator checks first."""
-        key = self.reason.split(":", 1)[0] if self.reason else (self.outcome.value if self.outcome else "")
-        return f"{key} ({self.url})" if self.url and self.outcome in _TRANSPORT_FAILURES else key
-
-
-_MAX_SUMMARY_KEYS = 100
-
-
-@dataclass
-class CloseReport:
-    """Counts by action, merchant and reason: constant memory whatever the backlog."""
-
-    by_action: Counter[CloseAction] = field(default_factory=Counter)
-    by_merchant: Counter[tuple[str, CloseAction]] = field(default_factory=Counter)
-    by_reason: Counter[tuple[CloseAction, str]] = field(default_factory=Counter)
-    halted_merchants: dict[str, str] = field(default_factory=dict)
-    stopped_early: str = ""  # why the run stopped before the backlog was done (WeChat unreachable, say)
-    started_at: datetime = field(default_factory=timezone.now)
-    finished_at: datetime | None = None
-    observer: Callable[[OrderCloseResult], None] | None = field(default=None, repr=False, compare=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, result: OrderCloseResult) -> None:
-        with self._lock:
-            self.by_action[result.action] += 1
-            self.by_merchant[(result.merchant, result.action)] += 1
-            key = (result.action, result.summary_key)
-            if key in self.by_reason or len(self.by_reason) < _MAX_SUMMARY_KEYS:
-                self.by_reason[key] += 1
-            if self.observer:
-                try:
-                    self.observer(result)
-                except Exception:  # noqa: BLE001 - the close is done and recorded; only its report failed
-                    logger.exception("Reporting a close result failed")
-
-    def finish(self) -> CloseReport:
-        self.finished_at = timezone.now()
-        return self
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_action.values())
-
-    @property
-    def has_alarms(self) -> bool:
-        return bool(self.stopped_early) or any(action.is_alarm for action in self.by_action)
-
-    def sentence(self) -> str:
-        """'3 closed, 1 was already paid, 1 will be retried (SYSTEMERROR)' — for people."""
-        parts = []
-        for action in CloseAction:
-            count = self.by_action.get(action, 0)
-            if not count:
-                continue
-            reasons = sorted(reason for (reason_action, reason) in self.by_reason if reason_action is action and reason)
-            # Translators: the err_codes or reasons after a counted phrase, e.g. " (SYSTEMERROR)".
-            detail = pgettext("summary reasons", " (%(reasons)s)") % {"reasons": "; ".join(reasons[:5])} \
-                if reasons and action is not CloseAction.CLOSED else ""
-            parts.append(f"{action.counted(count)}{detail}")
-        # Translators: between the counted phrases of a summary; Chinese takes a full-width comma.
-        return pgettext("list separator", ", ").join(parts) or gettext("nothing to do")
-
-
-def _write_database() -> str:
-    """The database the router picks for writes to orders: claims and their reads must all go there."""
-    return router.db_for_write(Order)
 
 
 def _require_autocommit(using: str) -> None:
@@ -337,7 +170,7 @@ class _Run:
         self.trigger = trigger
         self.user = user if getattr(user, "pk", None) is not None else None
         self.actor = self.user.get_username() if self.user is not None else ""
-        self.db = _write_database()
+        self.db = write_database()
         # Every claim of this run carries this token; a release keeps it, so the run never claims an order twice.
         self.token = uuid.uuid4()
         self.pool_size = workers  # one kept-alive connection to WeChat per worker
@@ -363,7 +196,7 @@ class _Run:
         of outage put nothing on hold. When most recent exchanges failed in transport, the run stops early.
         """
         with self._lock:
-            transport_failure = result.outcome in _TRANSPORT_FAILURES
+            transport_failure = result.outcome.failed_in_transport
             self._recent.append(transport_failure)
             failures = sum(self._recent)
             judged = len(self._recent) >= BREAKER_MIN_EXCHANGES
@@ -745,47 +578,6 @@ def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) 
     return result
 
 
-class ReorderVerdict(str, Enum):
-    """May the shop create a new WeChat order for the purchase whose old order this was?"""
-
-    CREATE_NEW = "create_new"  # the old order is closed (or never existed at WeChat): it can never be paid
-    ALREADY_PAID = "already_paid"  # the payer paid the old order: do not create a new one; fulfil it
-    TOO_YOUNG = "too_young"  # younger than MIN_ORDER_AGE: it cannot be closed before `retry_at`
-    UNKNOWN = "unknown"  # WeChat's answer is unknown or not final (network, SYSTEMERROR, in flight): retry
-
-
-@dataclass(frozen=True)
-class ReorderAnswer:
-    verdict: ReorderVerdict
-    order: Order  # refreshed
-    reason: str = ""
-    retry_at: datetime | None = None  # when asking again can help (TOO_YOUNG, UNKNOWN)
-    result: OrderCloseResult | None = None  # the close that was sent, if one was
-
-    @property
-    def may_create_new_order(self) -> bool:
-        return self.verdict is ReorderVerdict.CREATE_NEW
-
-
-def close_before_reorder(order: Order, *, user: Any = None) -> ReorderAnswer:
-    """Close `order` before the shop creates a new one for the same purchase, and say whether it may.
-
-    WeChat's guidance: a merchant closes the old order first, so the payer cannot pay both. The answer is
-    CREATE_NEW only when the old order can never be paid.
-    """
-    settings = load_settings()
-    order.refresh_from_db(using=_write_database())
-    if order.state == OrderState.OPEN and order.created_at > timezone.now() - settings.min_order_age:
-        return ReorderAnswer(ReorderVerdict.TOO_YOUNG, order, TOO_YOUNG, order.created_at + settings.min_order_age)
-    result = close_order(order, user=user) if order.state == OrderState.OPEN else None
-    if order.state == OrderState.PAID:
-        return ReorderAnswer(ReorderVerdict.ALREADY_PAID, order, "the payer paid it", result=result)
-    if order.state in (OrderState.CLOSED, OrderState.UNKNOWN_TO_WECHAT):
-        return ReorderAnswer(ReorderVerdict.CREATE_NEW, order, f"it is {order.state}", result=result)
-    retry_at = order.next_attempt_at or order.claim_expires_at or timezone.now() + settings.retry_backoff
-    return ReorderAnswer(ReorderVerdict.UNKNOWN, order, result.reason if result else "", retry_at, result)
-
-
 def close_orders(
     orders: Iterable[Order], *, trigger: str = Trigger.CODE, user: Any = None, workers: int | None = None,
     on_result: Callable[[OrderCloseResult], None] | None = None,
@@ -852,58 +644,3 @@ def sweep_expired_orders(
 
     _run_pool(run, report, workers, next_close)
     return _finish(run, report)
-
-
-def lift_hold(orders: Iterable[Order]) -> int:
-    """Let the sweep take these orders again: clear the hold and restart their retry budget. Returns how many."""
-    ids = [order.pk for order in orders]
-    return Order.objects.using(_write_database()).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
-        on_hold=False, retry_count=0, next_attempt_at=None)
-
-
-def create_order(
-    *,
-    out_trade_no: str,
-    merchant: str = "default",
-    amount: int | None = None,
-    currency: str = "",
-    created_at: datetime | None = None,
-    payment_deadline: datetime | None = None,
-    sub_mch_id: str | None = None,
-    sub_appid: str | None = None,
-) -> Order:
-    """Record an order the shop just created at WeChat (unified order), snapshotting the merchant IDs."""
-    settings = load_settings()
-    if merchant not in settings.merchants:
-        raise ValueError(f"merchant {merchant!r} is not in WXPAY_CLOSE['MERCHANTS']")
-    validate_out_trade_no(out_trade_no)
-    configured = settings.merchants[merchant].merchant
-    created_at = created_at or timezone.now()
-    return Order.objects.create(
-        merchant=merchant, appid=configured.appid, mch_id=configured.mch_id,
-        sub_mch_id=sub_mch_id or configured.sub_mch_id, sub_appid=sub_appid or configured.sub_appid or "",
-        out_trade_no=out_trade_no, amount=amount, currency=currency, created_at=created_at,
-        payment_deadline=payment_deadline or created_at + settings.payment_window,
-    )
-
-
-def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
-    """Mark an order PAID because WeChat's payment notification (or an order query) said so.
-
-    Idempotent for an order already PAID; refuses a CLOSED order (WeChat cannot have taken that
-    payment: investigate). Afterwards the sweep never sends closeorder for it.
-    """
-    using = _write_database()
-    for _ in range(3):  # the state may move under us once (a close landing); re-read and decide again
-        order.refresh_from_db(using=using, fields=["state"])
-        if order.state == OrderState.PAID:
-            return order
-        if OrderState.PAID not in ALLOWED_TRANSITIONS[order.state]:
-            raise InvalidTransition(f"order {order.out_trade_no} is {order.state}; a payment cannot be recorded")
-        if Order.objects.using(using).filter(pk=order.pk, state=order.state).update(
-            state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now(), next_attempt_at=None
-        ):
-            order.refresh_from_db(using=using)
-            signals.send_after_commit(signals.order_paid_recorded, order, using=using, attempt=None)
-            return order
-    raise InvalidTransition(f"order {order.out_trade_no} kept changing state; payment not recorded")

@@ -1,0 +1,74 @@
+"""Orders the shop creates and pays: recording them, and letting the sweep take one off hold again. Nothing
+here sends a request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from .. import signals
+from ..conf import load_settings
+from ..models import ALLOWED_TRANSITIONS, Order, OrderState, write_database
+from ..wechat import validate_out_trade_no
+
+
+class InvalidTransition(Exception):
+    """A state change the transition table does not allow (e.g. a payment for a closed order)."""
+
+
+def lift_hold(orders: Iterable[Order]) -> int:
+    """Let the sweep take these orders again: clear the hold and restart their retry budget. Returns how many."""
+    ids = [order.pk for order in orders]
+    return Order.objects.using(write_database()).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
+        on_hold=False, retry_count=0, next_attempt_at=None)
+
+
+def create_order(
+    *,
+    out_trade_no: str,
+    merchant: str = "default",
+    amount: int | None = None,
+    currency: str = "",
+    created_at: datetime | None = None,
+    payment_deadline: datetime | None = None,
+    sub_mch_id: str | None = None,
+    sub_appid: str | None = None,
+) -> Order:
+    """Record an order the shop just created at WeChat (unified order), snapshotting the merchant IDs."""
+    settings = load_settings()
+    if merchant not in settings.merchants:
+        raise ValueError(f"merchant {merchant!r} is not in WXPAY_CLOSE['MERCHANTS']")
+    validate_out_trade_no(out_trade_no)
+    configured = settings.merchants[merchant].merchant
+    created_at = created_at or timezone.now()
+    return Order.objects.create(
+        merchant=merchant, appid=configured.appid, mch_id=configured.mch_id,
+        sub_mch_id=sub_mch_id or configured.sub_mch_id, sub_appid=sub_appid or configured.sub_appid or "",
+        out_trade_no=out_trade_no, amount=amount, currency=currency, created_at=created_at,
+        payment_deadline=payment_deadline or created_at + settings.payment_window,
+    )
+
+
+def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
+    """Mark an order PAID because WeChat's payment notification (or an order query) said so.
+
+    Idempotent for an order already PAID; refuses a CLOSED order (WeChat cannot have taken that
+    payment: investigate). Afterwards the sweep never sends closeorder for it.
+    """
+    using = write_database()
+    for _ in range(3):  # the state may move under us once (a close landing); re-read and decide again
+        order.refresh_from_db(using=using, fields=["state"])
+        if order.state == OrderState.PAID:
+            return order
+        if OrderState.PAID not in ALLOWED_TRANSITIONS[order.state]:
+            raise InvalidTransition(f"order {order.out_trade_no} is {order.state}; a payment cannot be recorded")
+        if Order.objects.using(using).filter(pk=order.pk, state=order.state).update(
+            state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now(), next_attempt_at=None
+        ):
+            order.refresh_from_db(using=using)
+            signals.send_after_commit(signals.order_paid_recorded, order, using=using, attempt=None)
+            return order
+    raise InvalidTransition(f"order {order.out_trade_no} kept changing state; payment not recorded")
