@@ -18,7 +18,7 @@ from .plan import FULL, QUICK
 from .settings import SQLITE_PATH
 from .simproc import simulator_process
 
-SECTIONS = ("client", "service", "profile", "sweep", "ceiling", "processes", "memory")
+SECTIONS = ("client", "service", "profile", "sweep", "backoff", "ceiling", "processes", "memory")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> None:
             "sweep": lambda: sections.sweep_throughput(plan, backends[0], slow),
         }
         if postgres is not None:  # the PostgreSQL-only sections
+            runs["backoff"] = lambda: sections.backoff(plan, postgres, slow)
             runs["ceiling"] = lambda: sections.ceiling(plan, postgres, instant)
             runs["processes"] = lambda: sections.sweeper_processes(plan, postgres, sims)
             runs["memory"] = lambda: sections.memory(plan, postgres, instant)

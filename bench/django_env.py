@@ -39,16 +39,30 @@ def reset() -> None:
                 cursor.execute(f"DELETE FROM {table}")
 
 
-def seed(count: int) -> str:
+def seed(count: int, waiting: int = 0) -> str:
     """`count` open orders of the default merchant whose payment window closed an hour ago, numbered
-    PREFIX000000000 on; returns PREFIX (fresh each time, so every close is a first one at the simulator)."""
+    PREFIX000000000 on; returns PREFIX (fresh each time, so every close is a first one at the simulator).
+
+    `waiting` more orders, whose deadlines passed before all of those, wait for a retry an hour from now (what
+    an outage leaves behind): ahead of the due ones in deadline order, not due.
+    """
     from django.db import connection
+    from django.db.models.functions import Now
+
+    from django_wxpay_close.models import Order
 
     prefix = "S" + secrets.token_hex(5)
     if connection.vendor == "postgresql":
-        _seed_postgresql(prefix, count)
+        _seed_postgresql(prefix, count + waiting)
     else:
-        _seed_orm(prefix, count)
+        _seed_orm(prefix, count + waiting)
+    if waiting:
+        ahead = Order.objects.filter(out_trade_no__startswith=prefix).order_by("payment_deadline", "id")
+        Order.objects.filter(pk__in=list(ahead.values_list("pk", flat=True)[:waiting])).update(
+            due_at=Now() + timedelta(hours=1), attempt_count=1, retry_count=1, last_outcome="network_error")
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(f"ANALYZE {connection.ops.quote_name(Order._meta.db_table)}")
     return prefix
 
 
@@ -60,7 +74,8 @@ def _template() -> object:
 
     now = timezone.now()
     return Order(merchant="default", appid=APPID, mch_id=MCH_ID, sub_mch_id=SUB_MCH_ID, out_trade_no="",
-                 created_at=now - timedelta(hours=2), payment_deadline=now - timedelta(hours=1))
+                 created_at=now - timedelta(hours=2), payment_deadline=now - timedelta(hours=1),
+                 due_at=now - timedelta(hours=1))
 
 
 def _seed_orm(prefix: str, count: int) -> None:
@@ -71,7 +86,8 @@ def _seed_orm(prefix: str, count: int) -> None:
     fields = {f.attname: getattr(template, f.attname) for f in Order._meta.concrete_fields if not f.primary_key}
     orders: Iterator[Order] = (
         Order(**{**fields, "out_trade_no": f"{prefix}{n:09d}",
-                 "payment_deadline": deadline - timedelta(seconds=n % 3600)})
+                 "payment_deadline": deadline - timedelta(seconds=n % 3600),
+                 "due_at": deadline - timedelta(seconds=n % 3600)})
         for n in range(count)
     )
     while chunk := list(islice(orders, SEED_CHUNK)):  # never the whole backlog in memory
@@ -94,7 +110,7 @@ def _seed_postgresql(prefix: str, count: int) -> None:
         if field.attname == "out_trade_no":
             values.append("%s || lpad(n::text, 9, '0')")
             params.append(prefix)
-        elif field.attname == "payment_deadline":
+        elif field.attname in ("payment_deadline", "due_at"):
             values.append("%s - (n %% 3600) * interval '1 second'")
             params.append(field.get_db_prep_save(getattr(template, field.attname), connection))
         else:

@@ -91,6 +91,18 @@ def render(results: dict[str, Any]) -> str:
         rows = [[workers, f"{entry['ours_to_reference']['ours']} ÷ {entry['ours_to_reference']['reference']}",
                  _fig(entry["ours_to_reference"]["closes_per_s"], "{:.2f}")] for workers, entry in sweep.items()]
         out += _table(["workers", "closes/s, run by run", "ratio"], rows) + [""]
+    if backoff := results.get("backoff"):
+        latency_ms = results["plan"]["latency"] * 1000
+        out += [f"### A backlog behind orders waiting for a retry: {results['plan']['sweep_orders']} due orders, "
+                f"{backoff['workers']} workers, {latency_ms:g} ms", ""]
+        rows = [[name, str(r["runs"]), _fig(r["closes_per_s"]), _pct(r["of_limit"]), *_cpu(r),
+                 _fig(r.get("sql_per_close"), "{:.2f}"), _once(r)] for name, r in backoff["sides"].items()]
+        out += _table(["backlog", "runs", "closes/s", "of limit", *_CPU_HEADER, "SQL/close", "each order sent once"],
+                      rows) + [""]
+        out += [f"behind ÷ due only, run by run: {_fig(backoff['behind_to_normal'], '{:.2f}')}", ""]
+        if claim := backoff.get("claim_plan"):
+            out += [f"The claim's plan behind {backoff['waiting']} waiting orders (rows removed by filter: "
+                    f"{claim['rows_removed_by_filter']}):", "", "```", claim["plan"], "```", ""]
     if ceiling := results.get("ceiling"):
         out += [f"### Ceiling: zero latency, {ceiling['workers']} workers, one process", ""]
         rows = [[name, _fig(r["closes_per_s"]), _fig(r["cores"], "{:.2f}"), *_cpu(r), _busy(r)]

@@ -57,11 +57,12 @@ def _database_name(backend: Backend) -> str:
     return urlsplit(backend.url).path.lstrip("/")
 
 
-def _measured(task: str, backend: Backend, sim: SimulatorProcess, orders: int, **kwargs: Any) -> Callable[[], Sample]:
+def _measured(task: str, backend: Backend, sim: SimulatorProcess, orders: int, waiting: int = 0,
+              **kwargs: Any) -> Callable[[], Sample]:
     """One run of `task` over a fresh backlog of `orders`, with what the rest of the machine did meanwhile:
     the simulator's CPU, the database backends' CPU and connections (PostgreSQL), the requests per order."""
     def once() -> Sample:
-        prefix = runner.run("seed", backend=backend, orders=orders)["prefix"]
+        prefix = runner.run("seed", backend=backend, orders=orders, waiting=waiting)["prefix"]
         load = DatabaseLoad(backend.url, _database_name(backend)) if backend.name == "postgresql" else None
         load = load.start() if load is not None and load.available else None
         busy, simulator_cpu, ours = BusyCores(), sim.cpu_seconds(), cpu_seconds(children=True)
@@ -77,7 +78,7 @@ def _measured(task: str, backend: Backend, sim: SimulatorProcess, orders: int, *
         # included), the simulator and the database backends. Other work on the machine shows up here.
         measured = cpu_seconds(children=True) - ours + result["simulator_cpu_s"] + (database or {}).get("cpu_s", 0.0)
         result["other_cores"] = max(result["machine_busy_cores"] - measured / (time.perf_counter() - began), 0.0)
-        result["requests"] = sim.requests_per_order(prefix)
+        result["requests"] = sim.requests_per_order(prefix)  # the waiting orders are never sent
         result["seeded"] = orders
         return result
 
@@ -183,6 +184,27 @@ def sweep_throughput(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dic
             "ours_to_reference": _against(runs, ours, reference),
         }
     return results
+
+
+def backoff(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
+    """The sweep over its usual backlog, alternated with the same backlog behind nine times as many orders that
+    wait for a retry (deadlines earlier, due in an hour: what an outage leaves); then the claim's plan there."""
+    workers = max(plan.workers)
+    waiting = 9 * plan.sweep_orders
+    normal, behind = "due orders only", f"behind {waiting} waiting for a retry"
+    sides = {normal: _measured("sweep", backend, sim, plan.sweep_orders, workers=workers),
+             behind: _measured("sweep", backend, sim, plan.sweep_orders, waiting=waiting, workers=workers)}
+    runs = alternate(sides, plan.target_runs)
+    limit = _limit(workers, sim.latency)
+    runner.run("seed", backend=backend, orders=plan.sweep_orders, waiting=waiting)
+    claim = runner.run("claim_plan", backend=backend, workers=workers) if backend.name == "postgresql" else None
+    return {
+        "workers": workers, "waiting": waiting,
+        "sides": {name: _summary(samples, limit) for name, samples in runs.items()},
+        "behind_to_normal": ratio([statistics.median(r["window_closes_per_s"]) for r in runs[behind]],
+                                  [statistics.median(r["window_closes_per_s"]) for r in runs[normal]]).as_dict(),
+        "claim_plan": claim,
+    }
 
 
 def ceiling(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:

@@ -165,9 +165,9 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
     # Translators: the last outcome and WeChat's (untranslated) error text, e.g. "retryable error: SYSTEMERROR".
     last = pgettext("outcome: error", "%(outcome)s: %(error)s") % {
         "outcome": _outcome_label(order.last_outcome), "error": order.last_error} if order.last_outcome else ""
-    if order.claim_expires_at is not None and order.claim_expires_at >= now:
+    if order.in_flight and order.due_at >= now:
         story.append(gettext("A close is in flight right now (claimed until %(when)s).")
-                     % {"when": _when(order.claim_expires_at)})
+                     % {"when": _when(order.due_at)})
     if order.on_hold:
         story += [gettext("On hold after the last answer (%(last)s).") % {"last": last or gettext("none recorded")},
                   gettext("The sweep leaves it alone until a person acts: \"Close selected orders\" retries it and "
@@ -176,12 +176,12 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
         story += [gettext("The last close hit a configuration error (%(error)s).") % {"error": order.last_error},
                   gettext("Fix WXPAY_CLOSE (API key, sign type or merchant IDs); every order of this merchant fails "
                           "the same way. The sweep tries again from %(when)s.")
-                  % {"when": _when(order.next_attempt_at)}]
+                  % {"when": _when(order.due_at)}]
     elif order.payment_deadline > now:
         story.append(gettext("Awaiting payment: the payment window ends at %(when)s; after that the sweep closes it.")
                      % {"when": _when(order.payment_deadline)})
-    elif order.next_attempt_at is not None and order.next_attempt_at > now:
-        values = {"attempt": order.retry_count, "last": last, "when": _when(order.next_attempt_at)}
+    elif order.attempt_count and order.due_at > now:
+        values = {"attempt": order.retry_count, "last": last, "when": _when(order.due_at)}
         if settings:
             story.append(gettext("Overdue. Close attempt %(attempt)d of %(budget)d failed (%(last)s); the sweep "
                                  "retries at %(when)s.") % {**values, "budget": settings.max_attempts})
@@ -364,12 +364,12 @@ class OrderAdmin(AppAdmin):
         (_("State at WeChat"), {"fields": [("state_badge", "state_changed_at_when"),
                                            ("closed_at_when", "paid_at_when"), "hold"]}),
         (_("Closing"), {"fields": [("attempt_count", "retry_count"),
-                                   ("last_attempt_at_when", "next_attempt_at_when"),
-                                   ("last_outcome", "last_error"), "claim_expires_at_when"]}),
+                                   ("last_attempt_at_when", "due_at_when"),
+                                   ("last_outcome", "last_error")]}),
     ]
 
     # The list's date columns, short headings; the page's, the fields' own names. All in `_when`'s format.
-    next_attempt = _moment("next_attempt_at", _("next attempt"), only_when_open=True)
+    next_attempt = _moment("due_at", _("next attempt"), only_when_open=True)
     deadline = _moment("payment_deadline", _("deadline"))
     created_at_when = _moment("created_at", _("created at"))
     payment_deadline_when = _moment("payment_deadline", _("payment deadline"))
@@ -377,8 +377,7 @@ class OrderAdmin(AppAdmin):
     closed_at_when = _moment("closed_at", _("closed at"))
     paid_at_when = _moment("paid_at", _("paid at"))
     last_attempt_at_when = _moment("last_attempt_at", _("last attempt at"))
-    next_attempt_at_when = _moment("next_attempt_at", _("next attempt at"), only_when_open=True)
-    claim_expires_at_when = _moment("claim_expires_at", _("claim expires at"))
+    due_at_when = _moment("due_at", _("due at"), only_when_open=True)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         # Only services change an order; the admin shows it and offers the close action.

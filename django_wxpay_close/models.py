@@ -102,8 +102,6 @@ class Order(models.Model):
     retry_count = models.PositiveIntegerField(_("retry count"), default=0,
                                               help_text=_("Consecutive retryable failures (MAX_ATTEMPTS)."))
     last_attempt_at = models.DateTimeField(_("last attempt at"), null=True, blank=True)
-    next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True,
-                                           help_text=_("Empty: due as soon as expired."))
     last_outcome = models.CharField(_("last outcome"), max_length=32, blank=True, choices=_OUTCOME_CHOICES)
     last_error = models.TextField(_("last error"), blank=True)
     on_hold = models.BooleanField(
@@ -111,8 +109,15 @@ class Order(models.Model):
         help_text=_("The sweep leaves it alone until a person acts (untrusted answer, bug, retries spent)."),
     )
 
+    # The order as a queue row: when anybody should next look at it while it is open. Its payment deadline (not
+    # before MIN_ORDER_AGE), then its retry time after a failure, or its lease's expiry while a close is in
+    # flight (`in_flight`). The sweep claims the open orders whose time has come.
+    due_at = models.DateTimeField(_("due at"), help_text=_(
+        "When the sweep next looks at the order: its deadline, its retry time, or the end of a close in flight."))
+    in_flight = models.BooleanField(_("in flight"), default=False, editable=False,
+                                    help_text=_("A close holds the order's lease until its due time."))
+    # The run that claimed the order last; kept after its answer, so that one run never sends for an order twice.
     claim_token = models.UUIDField(_("claim token"), null=True, blank=True, editable=False)
-    claim_expires_at = models.DateTimeField(_("claim expires at"), null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -127,15 +132,19 @@ class Order(models.Model):
             ),
         ]
         indexes = [
-            # The sweep's query: open, not on hold, past the deadline, oldest deadline first.
-            models.Index(
-                fields=["payment_deadline", "id"], condition=Q(state="open", on_hold=False), name="wxpay_close_due_idx"
-            ),
+            # The sweep's claim: open, not on hold, whose time has come, the earliest first. Only due rows are read.
+            models.Index(fields=["due_at", "id"], condition=Q(state="open", on_hold=False),
+                         name="wxpay_close_queue_idx"),
             models.Index(fields=["state", "merchant"], name="wxpay_close_state_idx"),
         ]
 
     def __str__(self) -> str:
         return f"{self.out_trade_no} ({self.get_state_display()})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.due_at is None:  # a new order is due at its deadline (the claim also enforces MIN_ORDER_AGE)
+            self.due_at = self.payment_deadline
+        super().save(*args, **kwargs)
 
     @property
     def is_overdue(self) -> bool:
@@ -179,12 +188,22 @@ class AppendOnly(models.Model):
         raise AuditTrailError(f"{type(self).__name__} rows are an audit trail and are never deleted.")
 
 
+# What completing a close attempt may write: the answer, never the request it answers.
+ANSWER_FIELDS = frozenset({
+    "completed_at", "url", "failed_over_from", "duration_ms", "http_status", "response_body", "return_code",
+    "return_msg", "result_code", "err_code", "err_code_des", "signature_verified", "outcome", "reason"})
+
+
 class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
     def unfinished(self) -> CloseAttemptQuerySet:
         return self.filter(completed_at__isnull=True)
 
     def complete(self, **fields: Any) -> int:
-        """Complete the unfinished rows among these, once; a completed row is never touched again."""
+        """Complete the unfinished rows among these with their answer, once; a completed row is never touched
+        again."""
+        unknown = set(fields) - ANSWER_FIELDS
+        if unknown:
+            raise AuditTrailError(f"a close attempt is completed with its answer only, not {sorted(unknown)}")
         fields.setdefault("completed_at", timezone.now())
         return models.QuerySet.update(self.unfinished(), **fields)
 
@@ -195,9 +214,15 @@ class CloseAttempt(AppendOnly):
     A row with no `completed_at` belongs to a request whose answer is not written yet: still in flight, or its
     process stopped or lost its database. The next close of the same order completes such a row as abandoned.
     A completed row with no outcome has no answer (`has_no_answer`; `reason` says why: abandoned, or not sent).
+    An answer that comes after its row was settled as abandoned (another close took the order over meanwhile) is
+    kept in a row of its own, `late_answer_to` that request's row, with no request of its own.
     """
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts", verbose_name=_("order"))
+    late_answer_to = models.ForeignKey(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="late_answers",
+        verbose_name=_("late answer to"), help_text=_("The request this answer belongs to, when it came after that "
+                                                       "request's row was settled as abandoned."))
     merchant = models.CharField(_("merchant"), max_length=64)
     mch_id = models.CharField(_("mch_id"), max_length=32)
     sub_mch_id = models.CharField(_("sub_mch_id"), max_length=32)

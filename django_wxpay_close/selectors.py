@@ -14,13 +14,8 @@ from django.db.models import Count, Min, Q, QuerySet
 from django.db.models.functions import Now
 from django.utils.translation import gettext_noop
 
-from .models import Order, OrderState
+from .models import Order, OrderState, write_database
 from .wechat import Outcome
-
-
-def claimable() -> Q:
-    """Nobody holds the order, or their claim lapsed (their process died or stalled)."""
-    return Q(claim_expires_at__isnull=True) | Q(claim_expires_at__lt=Now())
 
 
 def orders_due_for_closing(
@@ -29,22 +24,26 @@ def orders_due_for_closing(
     merchants: Collection[str] | None = None,
     exclude_merchants: Collection[str] = (),
     older_than: timedelta | None = None,
+    using: str | None = None,
 ) -> QuerySet[Order]:
-    """Open orders past their deadline (and `older_than` past it), old enough, due for a retry, unclaimed;
-    the most overdue first."""
-    queryset = Order.objects.filter(
-        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now()),
-        claimable(),
+    """Open orders whose time has come (deadline, retry time or a lapsed lease: `due_at`), the earliest first.
+
+    Served by the queue index: only due rows are read. `created_at` re-checks MIN_ORDER_AGE for orders whose
+    due time was set without it (an order saved directly with a deadline shorter than the minimum age).
+    """
+    queryset = Order.objects.using(using or write_database()).filter(
         state=OrderState.OPEN,
         on_hold=False,
-        payment_deadline__lte=Now() - older_than if older_than else Now(),
+        due_at__lte=Now(),
         created_at__lte=Now() - min_order_age,
     )
+    if older_than is not None:
+        queryset = queryset.filter(payment_deadline__lte=Now() - older_than)
     if merchants is not None:
         queryset = queryset.filter(merchant__in=merchants)
     if exclude_merchants:
         queryset = queryset.exclude(merchant__in=exclude_merchants)
-    return queryset.order_by("payment_deadline", "id")
+    return queryset.order_by("due_at", "id")
 
 
 # Reasons an explicit close is not sent. Stored and compared as they are, so plain English: gettext_noop only puts
@@ -67,20 +66,23 @@ def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -
         return NOT_OPEN[OrderState(order.state)]
     if order.created_at > now - min_order_age:
         return TOO_YOUNG
-    if order.claim_expires_at is not None and order.claim_expires_at >= now:
+    if order.in_flight and order.due_at >= now:
         return CLAIMED_ELSEWHERE
     return None
 
 
 def orders_waiting_for_retry() -> dict[str, Any]:
-    """How many overdue open orders wait for their backoff to pass, and when the next one is due."""
-    waiting = Order.objects.filter(state=OrderState.OPEN, on_hold=False, payment_deadline__lte=Now(),
-                                   next_attempt_at__gt=Now())
-    return waiting.aggregate(count=Count("pk"), next_at=Min("next_attempt_at"))
+    """How many open orders that were tried wait for their retry time, and when the next one is due.
+
+    Read from the queue index: the rows not yet due, of which those already tried (a retry waits) are counted.
+    """
+    waiting = Order.objects.using(write_database()).filter(
+        state=OrderState.OPEN, on_hold=False, due_at__gt=Now(), in_flight=False, attempt_count__gt=0)
+    return waiting.aggregate(count=Count("pk"), next_at=Min("due_at"))
 
 
 def orders_needing_attention() -> QuerySet[Order]:
-    """On hold (untrusted answer, our bug, retries spent) or last refused for a configuration error."""
-    return Order.objects.filter(state=OrderState.OPEN).filter(
-        Q(on_hold=True) | Q(last_outcome=Outcome.CONFIGURATION_ERROR)
-    )
+    """On hold (untrusted answer, our bug, retries spent, closed at WeChat after a payment was recorded) or, while
+    open, last refused for a configuration error."""
+    return Order.objects.filter(
+        Q(on_hold=True) | Q(state=OrderState.OPEN, last_outcome=Outcome.CONFIGURATION_ERROR))

@@ -9,6 +9,9 @@ Every signal has `sender=Order` and the keyword arguments `order` (the refreshed
 - close_failed: the close did not succeed this time; `outcome` (wechat.Outcome) and `reason` say why.
 - close_attempts_exhausted: retries ran out; the order is UNKNOWN_TO_WECHAT or on hold. `outcome`, `reason`.
 - order_paid_recorded: `record_payment()` marked the order PAID (notification or order query).
+- closed_after_payment: WeChat answered a close with "closed" for an order a payment was recorded for
+  meanwhile (`outcome`, `reason`). The order stays PAID and goes on hold: a person must check the payment at
+  WeChat and refund or fulfil it.
 
 The payment notification view sends these two with `attempt=None` and `notification` (the PaymentNotification):
 
@@ -33,6 +36,7 @@ order_found_paid = Signal()
 close_failed = Signal()
 close_attempts_exhausted = Signal()
 order_paid_recorded = Signal()
+closed_after_payment = Signal()
 payment_for_closed_order = Signal()
 payment_mismatch = Signal()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import uuid
+
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth.models import Permission, User
@@ -266,7 +268,7 @@ def test_a_row_settled_as_abandoned_shows_that_no_answer_was_recorded(admin_clie
                                        sub_mch_id=order.sub_mch_id, out_trade_no=order.out_trade_no,
                                        trigger=Trigger.COMMAND, url=simulator.base_url, sign_type="HMAC-SHA256",
                                        request_xml="<xml></xml>")
-    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() - timedelta(seconds=1))  # it lapsed
+    Order.objects.filter(pk=order.pk).update(in_flight=True, claim_token=uuid.uuid4(), due_at=timezone.now() - timedelta(seconds=1))  # lapsed
     sweep_expired_orders()
     dead = CloseAttempt.objects.get(pk=dead.pk)
 
@@ -307,7 +309,7 @@ def test_the_order_page_says_when_a_failed_close_is_retried(admin_client, make_o
     page = order_page(admin_client, order)
 
     assert "Overdue. Close attempt 1 of 3 failed (retryable error: SYSTEMERROR" in page
-    assert "the sweep retries at " + timezone.localtime(order.next_attempt_at).strftime("%Y-%m-%d %H:%M:%S") in page
+    assert "the sweep retries at " + timezone.localtime(order.due_at).strftime("%Y-%m-%d %H:%M:%S") in page
 
 
 def test_the_order_page_gives_the_hold_reason(admin_client, make_order, simulator):
@@ -374,14 +376,14 @@ def test_the_list_says_overdue_in_words_in_the_state_badge(admin_client, make_or
 
 def test_a_terminal_order_shows_no_next_attempt(admin_client, make_order):
     stale = timezone.now() + timedelta(minutes=5)
-    order = make_order(state=OrderState.CLOSED, closed_at=timezone.now(), next_attempt_at=stale)
+    order = make_order(state=OrderState.CLOSED, closed_at=timezone.now(), due_at=stale)
     stamp = timezone.localtime(stale).strftime("%Y-%m-%d")
 
     row = changelist_row(admin_client, order)
     assert row.rstrip().endswith('<td class="field-next_attempt">—</td>'), row
     assert stamp + '</span> <span class="wxpay-nowrap">' + timezone.localtime(stale).strftime("%H:%M:%S") not in row
     page = order_page(admin_client, order)
-    next_attempt = page[page.index("field-next_attempt_at_when"):]
+    next_attempt = page[page.index("field-due_at_when"):]
     assert '<div class="readonly">—</div>' in next_attempt[:600]
 
 
@@ -423,7 +425,7 @@ def test_the_exact_bytes_are_shown_as_stored_and_the_pretty_print_apart(admin_cl
 
 def test_the_pages_work_with_use_tz_false(admin_client, make_order, settings):
     settings.USE_TZ = False
-    order = make_order(on_hold=True, claim_expires_at=None)
+    order = make_order(on_hold=True)
     order.refresh_from_db()
     assert timezone.is_naive(order.payment_deadline)
 

@@ -180,15 +180,15 @@ def a_busy_order_list(make_order: Any, simulator: Any) -> Order:
         make_order(f"EXPIRED-20260501-{index:04d}")
     make_order("WAITING-20260501-0001", expired_for=timedelta(minutes=-20))
     make_order("RETRYING-20260501-0001", attempt_count=1, retry_count=1, last_outcome="retryable_error",
-               last_error="SYSTEMERROR: system error", next_attempt_at=now + timedelta(minutes=4))
+               last_error="SYSTEMERROR: system error", due_at=now + timedelta(minutes=4))
     make_order("ON-HOLD-20260501-0001", on_hold=True, retry_count=3, attempt_count=3, last_outcome="untrusted_response",
                last_error="SUCCESS body whose signature does not verify with the configured key and sign type")
     make_order("PAID-20260501-0001", state=OrderState.PAID, paid_at=now, attempt_count=1, last_outcome="paid",
-               last_error="ORDERPAID: order paid", next_attempt_at=now + timedelta(minutes=5))
+               last_error="ORDERPAID: order paid", due_at=now + timedelta(minutes=5))
     make_order("CLOSED-20260501-0001", state=OrderState.CLOSED, closed_at=now, attempt_count=1, last_outcome="closed")
     make_order("2026050112345678901234567890ABCD", state=OrderState.UNKNOWN_TO_WECHAT, attempt_count=3,
                last_outcome="not_found", last_error="ORDERNOTEXIST: order does not exist",
-               next_attempt_at=now + timedelta(minutes=5))
+               due_at=now + timedelta(minutes=5))
     return closed_at_the_second_try(make_order("TWO-EXCHANGES-0001", remote=RemoteState.NOTPAY), simulator)
 
 

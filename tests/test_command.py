@@ -145,9 +145,9 @@ def test_dry_run_lists_each_due_order(make_order, simulator):
 
 
 def test_nothing_to_do_says_how_many_orders_wait_for_a_retry(make_order, simulator):
-    waiting = make_order(next_attempt_at=timezone.now() + timedelta(minutes=3))
+    waiting = make_order(due_at=timezone.now() + timedelta(minutes=3), attempt_count=1, retry_count=1)
     assert run().splitlines()[1] == (f"1 overdue order waits for a retry; the next is due at "
-                                     f"{timezone.localtime(waiting.next_attempt_at):%Y-%m-%d %H:%M:%S %Z}.")
+                                     f"{timezone.localtime(waiting.due_at):%Y-%m-%d %H:%M:%S %Z}.")
 
 
 @pytest.mark.parametrize("text, expected", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])

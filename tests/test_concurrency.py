@@ -58,9 +58,10 @@ def make_backlog(simulator: WeChatPaySimulator, size: int) -> Backlog:
     orders = []
     for n in range(size):
         number = f"C{n:06d}"
+        deadline = now - timedelta(minutes=60) + timedelta(seconds=n)
         orders.append(Order(
             merchant="default", appid=APPID, mch_id=MCH_ID, sub_mch_id=SUB_MCH_ID, out_trade_no=number,
-            created_at=now - timedelta(hours=2), payment_deadline=now - timedelta(minutes=60) + timedelta(seconds=n),
+            created_at=now - timedelta(hours=2), payment_deadline=deadline, due_at=deadline,
         ))
         initially[number] = {0: RemoteState.PAID, 1: RemoteState.CLOSED}.get(n % 10, RemoteState.NOTPAY)
         if n % 10 == 2:

@@ -1,6 +1,6 @@
 """Every fault WeChat or the network can throw, through `manage.py close_expired_orders` and the simulator.
 
-For each: the order's state, its retry schedule (retry_count, next_attempt_at), the audit row and the
+For each: the order's state, its retry schedule (retry_count, due_at), the audit row and the
 command's exit status are what docs/protocol.md#outcomes says. Exit status: non-zero only for an alarm —
 3 a configuration error, 4 an order put on hold, 1 an unexpected failure; a scheduled retry is routine (0).
 Where tests/test_services.py does not already cover a fault, it also goes through `close_order()`.
@@ -18,12 +18,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from django_wxpay_close.conf import load_settings
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
 from django_wxpay_close.services import CloseAction, close_order
+from django_wxpay_close.services.judgement import MERCHANT_HALTED
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import CLOSEORDER_PATH, Outcome
@@ -64,14 +66,14 @@ def assert_retry_scheduled(order: Order, *, retries: int, outcome: Outcome) -> N
     """Open, not on hold, `retries` of MAX_ATTEMPTS spent, next try exactly RETRY_BACKOFF·2^(n-1) later after
     its n-th failed exchange."""
     order = refreshed(order)
-    assert order.state == OrderState.OPEN and not order.on_hold and order.claim_expires_at is None
+    assert order.state == OrderState.OPEN and not order.on_hold and order.in_flight is False
     assert order.retry_count == retries and order.last_outcome == outcome
-    assert order.next_attempt_at - order.last_attempt_at == load_settings().retry_delay(order.attempt_count)
+    assert order.due_at - order.last_attempt_at == load_settings().retry_delay(order.attempt_count)
 
 
 def make_due(order: Order) -> None:
     """Stands in for waiting out the backoff."""
-    Order.objects.filter(pk=order.pk).update(next_attempt_at=None)
+    Order.objects.filter(pk=order.pk).update(due_at=timezone.now())
 
 
 def unused_loopback_url() -> str:
@@ -119,8 +121,8 @@ def test_an_answer_slower_than_the_read_timeout_is_retried_and_the_next_run_lear
     run = run_sweep()
 
     assert run.exit_status == 0 and run.summary["by_action"] == {"retry_scheduled": 1}
-    # A run of one exchange cannot tell an outage from a lone failure: a transport failure spends no retry then.
-    assert_retry_scheduled(order, retries=0, outcome=Outcome.NETWORK_ERROR)
+    # A lone transport failure spends a retry: only a run that judges WeChat unreachable gives them back.
+    assert_retry_scheduled(order, retries=1, outcome=Outcome.NETWORK_ERROR)
     attempt = last_attempt(order)
     assert attempt.is_finished and attempt.outcome == Outcome.NETWORK_ERROR and attempt.http_status is None
     assert attempt.reason.startswith("read timeout")
@@ -128,7 +130,7 @@ def test_an_answer_slower_than_the_read_timeout_is_retried_and_the_next_run_lear
 
     assert run_sweep().summary["by_action"] == {"already_closed": 1}
     order = refreshed(order)
-    assert order.state == OrderState.CLOSED and order.retry_count == 0 and order.next_attempt_at is None
+    assert order.state == OrderState.CLOSED and order.retry_count == 0
     assert last_attempt(order).outcome == Outcome.ALREADY_CLOSED
 
 
@@ -140,7 +142,7 @@ def test_a_refused_connection_is_retried_with_backoff(make_order: Callable[..., 
     run = run_sweep()
 
     assert run.exit_status == 0
-    assert_retry_scheduled(order, retries=0, outcome=Outcome.NETWORK_ERROR)
+    assert_retry_scheduled(order, retries=1, outcome=Outcome.NETWORK_ERROR)
     attempt = last_attempt(order)
     assert attempt.reason.startswith("connection error") and attempt.http_status is None
     assert attempt.url == refused + CLOSEORDER_PATH and attempt.failed_over_from == ""
@@ -168,8 +170,8 @@ def test_an_answer_that_says_nothing_leaves_the_order_open_for_a_retry(
     run = run_sweep()  # by_service is not due again yet: only `order` is sent
 
     assert run.exit_status == 0 and run.summary["by_action"] == {"retry_scheduled": 1}
-    assert_retry_scheduled(by_service, retries=0, outcome=outcome)
-    assert_retry_scheduled(order, retries=0, outcome=outcome)
+    assert_retry_scheduled(by_service, retries=1, outcome=outcome)
+    assert_retry_scheduled(order, retries=1, outcome=outcome)
     attempt = last_attempt(order)
     assert attempt.is_finished and attempt.outcome == outcome and attempt.http_status == http_status
     assert reason in attempt.reason and attempt.signature_verified is None
@@ -189,13 +191,13 @@ def test_systemerrors_then_success_are_retried_on_the_backoff_schedule_until_clo
         assert run_sweep().exit_status == 0
         assert_retry_scheduled(order, retries=retries, outcome=Outcome.RETRYABLE_ERROR)
         assert run_sweep().summary["total"] == 0, "a retry went out before its backoff"
-        time.sleep((refreshed(order).next_attempt_at - refreshed(order).last_attempt_at).total_seconds() + 0.05)
+        time.sleep((refreshed(order).due_at - refreshed(order).last_attempt_at).total_seconds() + 0.05)
 
     run = run_sweep()
 
     order = refreshed(order)
     assert run.exit_status == 0 and run.summary["by_action"] == {"closed": 1}
-    assert order.state == OrderState.CLOSED and order.retry_count == 0 and order.next_attempt_at is None
+    assert order.state == OrderState.CLOSED and order.retry_count == 0
     assert list(order.close_attempts.order_by("started_at").values_list("outcome", flat=True)) == [
         Outcome.RETRYABLE_ERROR, Outcome.RETRYABLE_ERROR, Outcome.CLOSED]
     assert simulator.close_requests_for(order.out_trade_no) == 3
@@ -214,6 +216,21 @@ def test_systemerror_until_the_retries_run_out_puts_the_order_on_hold_and_fails_
     assert statuses == [0, 0, 4]
     assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
     assert run_sweep().summary["total"] == 0
+
+
+def test_an_order_whose_answers_are_always_unreadable_goes_on_hold_after_its_retries_even_in_short_runs(
+    make_order: Callable[..., Order], simulator: WeChatPaySimulator,
+) -> None:
+    order = make_order()
+    simulator.inject(Fault.MALFORMED_BODY, out_trade_no=order.out_trade_no, times=None)
+    statuses = []
+    for _ in range(3):  # MAX_ATTEMPTS runs of one exchange each: every transport failure spends a retry
+        statuses.append(run_sweep().exit_status)
+        make_due(order)
+    order = refreshed(order)
+    assert statuses == [0, 0, 4]
+    assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
+    assert order.close_attempts.count() == 3
 
 
 def test_ordernotexist_until_the_retry_budget_is_spent_marks_the_order_unknown_to_wechat(
@@ -259,13 +276,16 @@ def test_a_signerror_halts_only_its_merchant_while_the_other_merchants_orders_cl
     assert 2 <= len(sent_for_bad) <= 3, "calls continued for a merchant whose key is rejected"
     for order in map(refreshed, bad):
         assert order.state == OrderState.OPEN and not order.on_hold
-        assert order.claim_expires_at is None
+        assert order.in_flight is False
         if order in sent_for_bad:  # backed off like a retry, so the next run starts elsewhere
             assert order.last_outcome == Outcome.CONFIGURATION_ERROR and order.retry_count == 1
-            assert order.next_attempt_at - order.last_attempt_at == load_settings().retry_backoff
+            assert order.due_at - order.last_attempt_at == load_settings().retry_backoff
             assert last_attempt(order).outcome == Outcome.CONFIGURATION_ERROR
         else:
-            assert not order.close_attempts.exists() and order.next_attempt_at is None and order.retry_count == 0
+            # Claimed with its batch before the halt: its row says it was not sent, and it is due again at once.
+            assert all(attempt.has_no_answer and attempt.reason == MERCHANT_HALTED
+                       for attempt in order.close_attempts.all())
+            assert order.due_at <= timezone.now() and order.retry_count == 0
 
 
 # -- untrusted answers: nothing changes, a person looks ---------------------------------------------------------
@@ -286,7 +306,7 @@ def test_a_success_body_that_is_not_correctly_signed_changes_nothing_and_fails_t
     assert refreshed(by_service).on_hold and refreshed(by_service).state == OrderState.OPEN
     order = refreshed(order)
     assert order.state == OrderState.OPEN and order.on_hold and order.closed_at is None
-    assert order.retry_count == 0 and order.next_attempt_at is None
+    assert order.retry_count == 0
     attempt = last_attempt(order)
     assert attempt.outcome == Outcome.UNTRUSTED_RESPONSE and attempt.signature_verified is False
     assert attempt.http_status == 200 and attempt.result_code == "SUCCESS"

@@ -306,7 +306,7 @@ def test_an_endless_body_is_cut_off_at_the_cap_in_bounded_memory(make_order: Cal
 
     order.refresh_from_db()
     assert result.outcome is Outcome.INVALID_RESPONSE and "exceeds the 65536-byte limit" in result.reason
-    assert order.state == OrderState.OPEN and order.next_attempt_at is not None
+    assert order.state == OrderState.OPEN and order.due_at is not None
     assert peak < MEMORY_BOUND, f"peak {peak} bytes"
     assert server.bytes_sent < offered
     reliability_figures(body_offered_bytes=offered, body_sent_before_hangup=server.bytes_sent, peak_heap_bytes=peak,
@@ -363,4 +363,4 @@ def test_bad_settings_are_refused_by_check_and_by_the_service_before_anything_is
 
     assert simulator.requests == [] and not CloseAttempt.objects.exists()
     order.refresh_from_db()
-    assert order.state == OrderState.OPEN and order.claim_expires_at is None
+    assert order.state == OrderState.OPEN and order.in_flight is False

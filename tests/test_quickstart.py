@@ -93,7 +93,7 @@ def let_the_demo_orders_come_due(database: Path) -> None:
     """What the minutes between two runs do: every order the first run left open is due for closing again."""
     with sqlite3.connect(database) as connection:
         connection.execute("UPDATE django_wxpay_close_order SET created_at = '2000-01-01 00:00:00', "
-                           "payment_deadline = '2000-01-01 00:30:00', next_attempt_at = NULL WHERE state = 'open'")
+                           "payment_deadline = '2000-01-01 00:30:00', due_at = payment_deadline WHERE state = 'open'")
     connection.close()
 
 

@@ -94,7 +94,7 @@ def test_the_api_key_appears_in_no_row_log_exception_admin_page_or_command_outpu
     for _ in range(3):
         make_order(merchant="other")  # its key is wrong: WeChat refuses, the merchant halts
     command(seen, "close_expired_orders", "--workers", "4")
-    Order.objects.update(next_attempt_at=None)
+    Order.objects.update(due_at=timezone.now())
     command(seen, "close_expired_orders", "--json")
     command(seen, "close_expired_orders", "--dry-run")
 
@@ -179,7 +179,7 @@ def test_the_api_key_appears_in_no_output_of_a_sweeper_process_even_one_killed_m
     killed.kill()
     seen.add("killed process output", killed.communicate())
     simulator.latency = 0.0
-    Order.objects.update(claim_expires_at=timezone.now() - timedelta(seconds=1))  # as if the claims had lapsed
+    Order.objects.update(due_at=timezone.now() - timedelta(seconds=1))  # as if the claims had lapsed
 
     exit_statuses = []
     for as_json in (False, True):
@@ -187,7 +187,7 @@ def test_the_api_key_appears_in_no_output_of_a_sweeper_process_even_one_killed_m
         stdout, stderr = finished.communicate(timeout=60)
         seen.add(f"process output (json={as_json})", stdout + stderr)
         exit_statuses.append(finished.returncode)
-        Order.objects.update(next_attempt_at=None)
+        Order.objects.update(due_at=timezone.now())
     for model in apps.get_app_config("django_wxpay_close").get_models():
         for row in model.objects.values():
             seen.add(f"{model.__name__} row", row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +27,7 @@ from django_wxpay_close.services import (
     record_payment,
     sweep_expired_orders,
 )
-from django_wxpay_close.services.engine import MERCHANT_HALTED
+from django_wxpay_close.services.judgement import MERCHANT_HALTED
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
@@ -66,7 +67,7 @@ def test_an_expired_open_order_is_closed_and_audited(make_order, simulator):
     assert attempt.http_status == 200 and attempt.return_code == "SUCCESS" and attempt.result_code == "SUCCESS"
     assert f"<out_trade_no>{order.out_trade_no}</out_trade_no>" in attempt.request_xml
     assert "<return_code>" in attempt.response_body and attempt.url.startswith(simulator.base_url)
-    assert order.attempt_count == 1 and order.claim_expires_at is None
+    assert order.attempt_count == 1 and order.in_flight is False
 
 
 def test_an_order_already_closed_at_wechat_becomes_closed(make_order):
@@ -99,7 +100,7 @@ def test_systemerror_keeps_the_order_open_and_schedules_a_retry_with_backoff(mak
     order.refresh_from_db()
     assert result.action is CloseAction.RETRY_SCHEDULED
     assert order.state == OrderState.OPEN and order.retry_count == 1 and not order.on_hold
-    assert before + timedelta(minutes=1) <= order.next_attempt_at <= timezone.now() + timedelta(minutes=1)
+    assert before + timedelta(minutes=1) <= order.due_at <= timezone.now() + timedelta(minutes=1)
     assert order.last_outcome == Outcome.RETRYABLE_ERROR and "SYSTEMERROR" in order.last_error
     assert [name for name, _ in received] == ["close_failed"]
 
@@ -117,7 +118,7 @@ def test_ordernotexist_until_the_retries_run_out_marks_the_order_unknown_to_wech
 
     actions = []
     for _ in range(3):  # MAX_ATTEMPTS in the test settings
-        Order.objects.filter(pk=order.pk).update(next_attempt_at=None)
+        Order.objects.filter(pk=order.pk).update(due_at=timezone.now())
         order.refresh_from_db()
         actions.append(sweep_expired_orders().by_action)
 
@@ -131,7 +132,7 @@ def test_systemerror_until_the_retries_run_out_puts_the_order_on_hold(make_order
     order = make_order()
     simulator.inject(Fault.SYSTEMERROR, times=None)
     for _ in range(3):
-        Order.objects.filter(pk=order.pk).update(next_attempt_at=None)
+        Order.objects.filter(pk=order.pk).update(due_at=timezone.now())
         sweep_expired_orders()
     order.refresh_from_db()
     assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
@@ -173,7 +174,7 @@ def test_a_wrong_api_key_is_a_configuration_error_that_changes_no_state_and_back
     order.refresh_from_db()
     assert result.action is CloseAction.CONFIGURATION_ERROR
     assert order.state == OrderState.OPEN and not order.on_hold
-    assert order.retry_count == 1 and order.next_attempt_at is not None
+    assert order.retry_count == 1 and order.due_at is not None
 
 
 def test_an_order_younger_than_the_minimum_age_is_skipped_without_sending(make_order, simulator):
@@ -192,7 +193,7 @@ def test_an_order_that_is_not_open_is_skipped_without_sending(make_order, simula
 
 def test_an_order_claimed_by_another_caller_is_not_sent_twice(make_order, simulator):
     order = make_order()
-    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() + timedelta(minutes=1))
+    Order.objects.filter(pk=order.pk).update(in_flight=True, claim_token=uuid.uuid4(), due_at=timezone.now() + timedelta(minutes=1))
     result = close_order(order)
     assert result.action is CloseAction.SKIPPED and "in flight" in result.reason
     assert simulator.requests == []
@@ -200,7 +201,7 @@ def test_an_order_claimed_by_another_caller_is_not_sent_twice(make_order, simula
 
 def test_a_lapsed_claim_of_a_dead_process_is_taken_over(make_order):
     order = make_order()
-    Order.objects.filter(pk=order.pk).update(claim_expires_at=timezone.now() - timedelta(seconds=1))
+    Order.objects.filter(pk=order.pk).update(in_flight=True, claim_token=uuid.uuid4(), due_at=timezone.now() - timedelta(seconds=1))
     assert sweep_expired_orders().by_action == {CloseAction.CLOSED: 1}
 
 
@@ -266,7 +267,7 @@ def test_a_signal_carries_the_order_as_it_is_after_the_change(make_order, receiv
     [(name, kwargs)] = received
     order = kwargs["order"]
     assert name == "order_closed" and order.state == OrderState.CLOSED and order.attempt_count == 1
-    assert order.closed_at is not None and order.claim_expires_at is None
+    assert order.closed_at is not None and order.in_flight is False
 
 
 def test_a_failing_signal_receiver_does_not_undo_the_close(make_order):
@@ -291,7 +292,7 @@ def test_the_sweep_closes_only_orders_that_are_due(make_order, simulator):
     make_order(expired_for=-timedelta(minutes=5))  # deadline still ahead
     make_order(age=timedelta(minutes=2), expired_for=timedelta(minutes=1))  # too young
     make_order(on_hold=True)
-    make_order(next_attempt_at=timezone.now() + timedelta(minutes=5))
+    make_order(due_at=timezone.now() + timedelta(minutes=5))
     make_order(state=OrderState.PAID)
 
     report = sweep_expired_orders()
@@ -340,7 +341,7 @@ def test_an_order_that_hit_a_configuration_error_is_backed_off_like_a_retry(make
     simulator.inject(Fault.RETURN_FAIL, out_trade_no=order.out_trade_no)
     assert sweep_expired_orders().by_action == {CloseAction.CONFIGURATION_ERROR: 1}
     order.refresh_from_db()
-    assert order.retry_count == 1 and order.next_attempt_at is not None and not order.on_hold
+    assert order.retry_count == 1 and order.due_at is not None and not order.on_hold
 
 
 def test_one_poison_order_does_not_halt_its_merchant(make_order, simulator):
@@ -362,7 +363,7 @@ def test_an_order_of_a_halted_merchant_chosen_by_hand_is_skipped_and_released(ma
     assert report.by_action == {CloseAction.CONFIGURATION_ERROR: 2, CloseAction.SKIPPED: 1}
     assert report.by_reason[(CloseAction.SKIPPED, MERCHANT_HALTED.split(":", 1)[0])] == 1
     assert len(simulator.requests) == 2
-    assert Order.objects.get(pk=orders[2].pk).claim_expires_at is None
+    assert Order.objects.get(pk=orders[2].pk).in_flight is False
 
 
 def test_the_sweep_sends_each_order_exactly_once_with_many_workers(make_order, simulator):
@@ -514,7 +515,7 @@ def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(ma
     order = make_order()
     simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
     assert close_order(order).action is CloseAction.RETRY_SCHEDULED
-    assert order.claim_expires_at is None and order.retry_count == 1
+    assert order.in_flight is False and order.retry_count == 1
     assert close_order(order).action is CloseAction.CLOSED
 
 
@@ -550,4 +551,4 @@ def test_before_a_reorder_an_unknown_outcome_says_retry(make_order, simulator):
     simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
     answer = close_before_reorder(order)
     assert answer.verdict is ReorderVerdict.UNKNOWN and not answer.may_create_new_order
-    assert answer.retry_at == answer.order.next_attempt_at and answer.order.state == OrderState.OPEN
+    assert answer.retry_at == answer.order.due_at and answer.order.state == OrderState.OPEN

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from django_wxpay_close import tasks
@@ -85,7 +86,7 @@ def test_sweep_task_fails_on_a_configuration_error_like_the_command(celery_app, 
 
     with pytest.raises(SweepProblems, match="hit a configuration error"):
         sweep_expired_orders_task.delay().get()
-    Order.objects.update(next_attempt_at=None)  # the merchant's backoff, skipped
+    Order.objects.update(due_at=timezone.now())  # the merchant's backoff, skipped
 
     assert sweep_expired_orders_task.delay(fail_on_error=False).get()["ok"] is False
 

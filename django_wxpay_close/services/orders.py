@@ -20,10 +20,15 @@ class InvalidTransition(Exception):
 
 
 def lift_hold(orders: Iterable[Order]) -> int:
-    """Let the sweep take these orders again: clear the hold and restart their retry budget. Returns how many."""
+    """Let the sweep take these orders again: clear the hold, restart their retry budget, due now. A paid order
+    on hold (closed at WeChat after its payment was recorded) only leaves the needs-attention list. Returns how
+    many."""
     ids = [order.pk for order in orders]
-    return Order.objects.using(write_database()).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
-        on_hold=False, retry_count=0, next_attempt_at=None)
+    using = write_database()
+    lifted = Order.objects.using(using).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
+        on_hold=False, retry_count=0, due_at=Now())
+    return lifted + Order.objects.using(using).filter(pk__in=ids, on_hold=True).exclude(
+        state=OrderState.OPEN).update(on_hold=False)
 
 
 def create_order(
@@ -44,11 +49,12 @@ def create_order(
     validate_out_trade_no(out_trade_no)
     configured = settings.merchants[merchant].merchant
     created_at = created_at or timezone.now()
+    payment_deadline = payment_deadline or created_at + settings.payment_window
     return Order.objects.create(
         merchant=merchant, appid=configured.appid, mch_id=configured.mch_id,
         sub_mch_id=sub_mch_id or configured.sub_mch_id, sub_appid=sub_appid or configured.sub_appid or "",
         out_trade_no=out_trade_no, amount=amount, currency=currency, created_at=created_at,
-        payment_deadline=payment_deadline or created_at + settings.payment_window,
+        payment_deadline=payment_deadline, due_at=max(payment_deadline, created_at + settings.min_order_age),
     )
 
 
@@ -66,7 +72,7 @@ def record_payment(*, order: Order, paid_at: datetime | None = None) -> Order:
         if OrderState.PAID not in ALLOWED_TRANSITIONS[order.state]:
             raise InvalidTransition(f"order {order.out_trade_no} is {order.state}; a payment cannot be recorded")
         if Order.objects.using(using).filter(pk=order.pk, state=order.state).update(
-            state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now(), next_attempt_at=None
+            state=OrderState.PAID, state_changed_at=Now(), paid_at=paid_at or Now()
         ):
             order.refresh_from_db(using=using)
             signals.send_after_commit(signals.order_paid_recorded, order, using=using, attempt=None)

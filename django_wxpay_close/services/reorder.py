@@ -53,5 +53,5 @@ def close_before_reorder(order: Order, *, user: Any = None) -> ReorderAnswer:
         return ReorderAnswer(ReorderVerdict.ALREADY_PAID, order, "the payer paid it", result=result)
     if order.state in (OrderState.CLOSED, OrderState.UNKNOWN_TO_WECHAT):
         return ReorderAnswer(ReorderVerdict.CREATE_NEW, order, f"it is {order.state}", result=result)
-    retry_at = order.next_attempt_at or order.claim_expires_at or timezone.now() + settings.retry_backoff
+    retry_at = order.due_at if order.due_at > timezone.now() else timezone.now() + settings.retry_backoff
     return ReorderAnswer(ReorderVerdict.UNKNOWN, order, result.reason if result else "", retry_at, result)

@@ -110,10 +110,10 @@ class Command(BaseCommand):
                     f"Simulator at {simulator.base_url}; {len(orders)} demo orders created. First sweep:"))
                 statuses = [self._sweep()]
                 retried = Order.objects.filter(pk__in=[o.pk for o, _ in orders], state=OrderState.OPEN,
-                                               next_attempt_at__isnull=False)
+                                               attempt_count__gt=0)
                 self.stdout.write(self.style.MIGRATE_HEADING(
                     f"Fast-forwarding to the retry time of {retried.count()} orders. Second sweep:"))
-                retried.update(next_attempt_at=timezone.now())
+                retried.update(due_at=timezone.now())
                 statuses.append(self._sweep())
                 problems = self._show(orders, requests_received=len(simulator.requests))
         self._show_walkthrough(orders)
