@@ -16,6 +16,7 @@ from django.utils import timezone
 from django_wxpay_close import signals
 from django_wxpay_close.conf import load_settings
 from django_wxpay_close.models import AuditTrailError, CloseAttempt, Order, OrderState, Trigger
+from django_wxpay_close.selectors import orders_needing_attention
 from django_wxpay_close.services import (
     CloseAction,
     InvalidTransition,
@@ -32,6 +33,8 @@ from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
 
+from .conftest import wait_for
+
 
 def remote_state(simulator: Any, order: Order) -> RemoteState | None:
     return simulator.order_state(order.out_trade_no, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id)
@@ -41,7 +44,8 @@ def remote_state(simulator: Any, order: Order) -> RemoteState | None:
 def received() -> Any:
     """Collects (signal name, kwargs) for every django_wxpay_close signal sent during the test."""
     seen: list[tuple[str, dict[str, Any]]] = []
-    names = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded"]
+    names = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded",
+             "closed_after_payment"]
     receivers = {}
     for name in names:
         def receiver(sender: Any, _name: str = name, **kwargs: Any) -> None:
@@ -415,6 +419,26 @@ def test_a_recorded_payment_keeps_the_sweep_from_ever_closing_the_order(make_ord
     assert record_payment(order=order).state == OrderState.PAID  # idempotent
     assert sweep_expired_orders().total == 0 and simulator.requests == []
     assert [name for name, _ in received] == ["order_paid_recorded"]
+
+
+def test_wechat_closing_an_order_paid_meanwhile_is_an_incident_put_before_a_person(make_order, simulator, received,
+                                                                                   caplog):
+    order = make_order()
+    simulator.inject(Fault.DELAY, out_trade_no=order.out_trade_no, delay=0.5)
+    results: list[Any] = []
+    closing = threading.Thread(target=lambda: results.append(close_order(order)))
+    closing.start()
+    wait_for(lambda: simulator.requests != [], timeout=5)
+    record_payment(order=Order.objects.get(pk=order.pk))  # a payment notification lands meanwhile
+    closing.join()
+
+    [result] = results
+    assert result.action is CloseAction.PUT_ON_HOLD and "payment was recorded" in result.reason
+    order.refresh_from_db()
+    assert order.state == OrderState.PAID and order.on_hold and order.closed_at is None
+    assert Order.objects.filter(pk=order.pk).filter(pk__in=orders_needing_attention()).exists()
+    assert [name for name, _ in received] == ["order_paid_recorded", "closed_after_payment"]
+    assert any(record.levelname == "ERROR" and order.out_trade_no in record.getMessage() for record in caplog.records)
 
 
 def test_a_payment_cannot_be_recorded_for_a_closed_order(make_order):
