@@ -275,6 +275,18 @@ class CloseAttempt(AppendOnly):
         """Completed without an answer: every answer, even a timeout, is recorded with an outcome."""
         return self.completed_at is not None and not self.outcome
 
+    def keep_late_answer(self, **answer: Any) -> CloseAttempt:
+        """An answer to this request that came after the row was completed (settled as abandoned when another
+        close took the order over): kept on a row of its own, tied to this one. The request is not repeated."""
+        unknown = set(answer) - ANSWER_FIELDS
+        if unknown:
+            raise AuditTrailError(f"a late answer is kept with its answer only, not {sorted(unknown)}")
+        return CloseAttempt.objects.using(self._state.db).create(
+            order_id=self.order_id, late_answer_to=self, merchant=self.merchant, mch_id=self.mch_id,
+            sub_mch_id=self.sub_mch_id, out_trade_no=self.out_trade_no, trigger=self.trigger, user_id=self.user_id,
+            actor=self.actor, sign_type=self.sign_type, request_xml="", started_at=self.started_at,
+            **{"completed_at": timezone.now(), **answer})
+
     def complete(self, **fields: Any) -> bool:
         """Record the answer once. False if the row was already completed (it is then left untouched)."""
         fields.setdefault("completed_at", timezone.now())

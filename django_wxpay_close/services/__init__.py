@@ -1,6 +1,8 @@
 """The only code that calls WeChat and changes an order's state.
 
-- engine.py: claims, sends and records closes; the sweep, the admin action and `close_order` all run on it;
+- closing.py: `sweep_expired_orders`, `close_orders` and `close_order`, all on one engine;
+- engine.py: the engine, which claims, sends and records closes (jobs.py: what its threads hand each other);
+- decisions.py: what an answer means for its order; judgement.py: what a run learns from its answers;
 - reorder.py: `close_before_reorder`, the verdict a shop asks before creating a new order;
 - orders.py: recording orders and payments, lifting a hold (no request is sent).
 
@@ -8,7 +10,8 @@ What a run reports (actions, counts, summaries, exit statuses) is in ../reports.
 """
 
 from ..reports import CloseAction, CloseReport, OrderCloseResult
-from .engine import ABANDONED, DatabaseUnavailable, close_order, close_orders, sweep_expired_orders
+from .closing import close_order, close_orders, sweep_expired_orders
+from .engine import ABANDONED, DatabaseUnavailable
 from .orders import InvalidTransition, create_order, lift_hold, record_payment
 from .reorder import ReorderAnswer, ReorderVerdict, close_before_reorder
 

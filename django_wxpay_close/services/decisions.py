@@ -94,3 +94,19 @@ def decide(order: Order, result: CloseResult, settings: CloseSettings, *, spends
                             signals.close_attempts_exhausted, exhausted, exhausted_kwargs, **updates)
     return keep_open(CloseAction.PUT_ON_HOLD, signals.close_attempts_exhausted, exhausted, exhausted_kwargs,
                      on_hold=True, **updates)
+
+
+def after_state_moved(state: str, result: CloseResult, decision: Decision) -> Decision:
+    """The order left the open state while its close was in flight (a payment recorded meanwhile): what the
+    answer means now. Only the exchange's bookkeeping is written, and the claim given back."""
+    bookkeeping = {name: decision.values[name] for name in
+                   ("attempt_count", "last_attempt_at", "last_outcome", "last_error", "in_flight")}
+    if state == OrderState.PAID and result.outcome is Outcome.PAID:
+        return Decision(CloseAction.FOUND_PAID, "the payment was recorded while the close was in flight", bookkeeping)
+    if state == OrderState.PAID and result.outcome.order_is_closed:
+        reason = ("WeChat answered that the order is closed, but a payment was recorded for it: check the payment "
+                  "at WeChat and refund or fulfil it")
+        return Decision(CloseAction.PUT_ON_HOLD, reason, {**bookkeeping, "last_error": reason, "on_hold": True},
+                        signals.closed_after_payment, {"outcome": result.outcome, "reason": reason})
+    return Decision(CloseAction.FAILED, f"WeChat answered {result.outcome.value} but the order is now {state}",
+                    bookkeeping)

@@ -22,27 +22,22 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from datetime import timedelta
-from functools import lru_cache
 from typing import Any, TypeVar
 
 from django.db import InterfaceError, OperationalError, connections, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import F, QuerySet
 from django.db.models.functions import Now
-from django.utils import timezone
 from django.utils.translation import gettext_noop
 
 from .. import signals
-from ..conf import CloseSettings, load_settings
-from ..models import CloseAttempt, Order, OrderState, Trigger, stored_text, write_database
-from ..reports import CloseAction, CloseReport, OrderCloseResult
-from ..selectors import CLAIMED_ELSEWHERE, TOO_YOUNG, orders_due_for_closing, why_not_closable
-from ..wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, PreparedClose
-from .decisions import Decision, decide, release
-from .decisions import backoff as backoff_values
+from ..conf import CloseSettings
+from ..models import CloseAttempt, Order, OrderState, write_database
+from ..reports import CloseAction, CloseReport
+from ..wechat import CloseResult
+from .decisions import Decision, after_state_moved, decide, release
+from .jobs import Answer, Job, Unsendable, Verdict, answered, audit_answer, failed, order_result, prepare, unwritten
 from .judgement import MERCHANT_HALTED, Judgement
 
 logger = logging.getLogger("django_wxpay_close")
@@ -70,83 +65,7 @@ class DatabaseUnavailable(Exception):
         self.report = report
 
 
-@lru_cache(maxsize=64)
-def _cached_client(merchant: Merchant, base_urls: tuple[str, ...], connect_timeout: float, read_timeout: float,
-                   max_response_bytes: int, pool_size: int) -> CloseOrderClient:
-    """One client (and so one connection pool) per merchant and endpoint settings, reused across calls."""
-    return CloseOrderClient(merchant, base_urls=base_urls, connect_timeout=connect_timeout, read_timeout=read_timeout,
-                            max_response_bytes=max_response_bytes, pool_size=pool_size)
-
-
-def _audit_answer(result: CloseResult) -> dict[str, Any]:
-    return {
-        "url": result.url[:300],
-        "failed_over_from": (result.failed_over_from or "")[:300],
-        "duration_ms": round(result.elapsed * 1000),
-        "http_status": result.http_status,
-        "response_body": stored_text(result.response_body),
-        "return_code": result.return_code[:16],
-        "return_msg": result.return_msg[:128],
-        "result_code": result.result_code[:16],
-        "err_code": result.err_code[:32],
-        "err_code_des": result.err_code_des[:128],
-        "signature_verified": result.signature_verified,
-        "outcome": result.outcome.value,
-        "reason": result.reason,
-    }
-
-
-def _order_result(order: Order, action: CloseAction, reason: str = "", *, result: CloseResult | None = None,
-                  attempt: CloseAttempt | None = None) -> OrderCloseResult:
-    return OrderCloseResult(
-        order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action, reason=reason,
-        outcome=result.outcome if result else None, attempt_id=attempt.pk if attempt else None,
-        duration=result.elapsed if result else 0.0, url=result.url if result else "",
-    )
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A claimed order whose audit row is committed and whose signed request is ready to leave."""
-
-    order: Order
-    attempt: CloseAttempt
-    client: CloseOrderClient
-    prepared: PreparedClose
-    lease_ends: float  # time.monotonic() by which the lease has surely ended (measured from before the claim)
-
-
-@dataclass(frozen=True)
-class _Unsendable:
-    """A claimed order whose request cannot be built or must not be sent: its UPDATE and what to report."""
-
-    order: Order
-    action: CloseAction
-    reason: str
-    values: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """What a worker brings back: WeChat's answer, or why the request was not sent."""
-
-    job: _Job
-    result: CloseResult | None = None
-    not_sent: str = ""
-    outlived_lease: bool = False  # the exchange ended after the lease: another close may have the order now
-    spends_retry: bool = False  # a failure spends one of the order's retries (the run's judgement)
-    error: BaseException | None = None  # a bug in sending (the client never raises for the network's doing)
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    """An answer with what it means for its order, waiting to be written."""
-
-    answer: _Answer
-    decision: Decision
-
-
-class _Engine:
+class Engine:
     """One caller's closes: settings, the claim token, the judgement, and the pool."""
 
     def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int = 1) -> None:
@@ -162,7 +81,7 @@ class _Engine:
         self.interrupted = False  # Ctrl-C: claim nothing more, send nothing more, record what is in flight
         self.failed_claims: set[int] = set()  # orders whose claim cannot be written: not tried again this run
         self.report = CloseReport()
-        self._unwritten: list[_Verdict | _Answer] = []
+        self._unwritten: list[Verdict | Answer] = []
 
     @property
     def stopping(self) -> str:
@@ -195,7 +114,7 @@ class _Engine:
 
     # -- 1. claim ---------------------------------------------------------------------------------------
 
-    def claim(self, candidates: QuerySet[Order], size: int, **values: Any) -> tuple[list[_Job], list[Order]]:
+    def claim(self, candidates: QuerySet[Order], size: int, **values: Any) -> tuple[list[Job], list[Order]]:
         """Claim up to `size` orders of `candidates` and write their audit rows, in one transaction.
 
         Returns the jobs ready to send and every order claimed (those found unsendable are settled in the same
@@ -205,7 +124,7 @@ class _Engine:
         lease_ends = time.monotonic() + self.settings.claim_timeout.total_seconds()
         selected: list[Order] = []
 
-        def step() -> tuple[list[_Job], list[Order], list[_Unsendable]]:
+        def step() -> tuple[list[Job], list[Order], list[Unsendable]]:
             with transaction.atomic(using=self.db):
                 # The rows stay locked until this transaction ends, so what they were chosen by still holds.
                 orders = list(candidates.select_for_update(skip_locked=True)[:size])
@@ -217,11 +136,14 @@ class _Engine:
                 lapsed = [order.pk for order in orders if order.in_flight]
                 if lapsed:  # rows an earlier holder left unfinished: no answer will come for them now
                     CloseAttempt.objects.using(self.db).filter(order__in=lapsed).complete(reason=ABANDONED)
-                jobs: list[_Job] = []
-                unsendable: list[_Unsendable] = []
+                jobs: list[Job] = []
+                unsendable: list[Unsendable] = []
                 for order in orders:
-                    prepared = self._prepare(order, lease_ends)
-                    (jobs if isinstance(prepared, _Job) else unsendable).append(prepared)  # type: ignore[arg-type]
+                    prepared = prepare(order, self, lease_ends)
+                    if isinstance(prepared, Job):
+                        jobs.append(prepared)
+                    else:
+                        unsendable.append(prepared)
                 self._write_rows(jobs)
                 for problem in unsendable:  # given back, backed off or on hold
                     Order.objects.using(self.db).filter(pk=problem.order.pk).update(**release(**problem.values))
@@ -242,42 +164,17 @@ class _Engine:
             logger.error("Claiming order %s failed unexpectedly; nothing was sent", order.out_trade_no, exc_info=exc,
                          extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant})
             self.failed_claims.add(order.pk)
-            self.report.add(_order_result(order, CloseAction.FAILED, f"{type(exc).__name__}: {exc}"))
+            self.report.add(order_result(order, CloseAction.FAILED, f"{type(exc).__name__}: {exc}"))
             return [], [order]
         for order in orders:
             order.claim_token, order.in_flight = self.token, True
         for problem in unsendable:
             if problem.action is CloseAction.CONFIGURATION_ERROR:
                 self.judgement.configuration_error(problem.order.merchant, problem.reason)
-            self.report.add(_order_result(problem.order, problem.action, problem.reason))
+            self.report.add(order_result(problem.order, problem.action, problem.reason))
         return jobs, orders
 
-    def _prepare(self, order: Order, lease_ends: float) -> _Job | _Unsendable:
-        """Check and sign the order's request, or say why it cannot be sent."""
-        problem = self._configuration_problem(order)
-        if problem:
-            spent, values = backoff_values(order, self.settings, spends_retry=True)
-            return _Unsendable(order, CloseAction.PUT_ON_HOLD if spent else CloseAction.CONFIGURATION_ERROR, problem,
-                               {"last_error": problem, "last_outcome": Outcome.CONFIGURATION_ERROR.value,
-                                "on_hold": spent, **values})
-        configured = self.settings.merchants[order.merchant].merchant
-        client = _cached_client(configured, self.settings.base_urls, self.settings.connect_timeout,
-                                self.settings.read_timeout, self.settings.max_response_bytes, self.workers)
-        try:
-            prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id,
-                                      sub_appid=order.sub_appid or None)
-        except InvalidRequestField as exc:
-            unbuildable = f"cannot build the request: {exc}"
-            return _Unsendable(order, CloseAction.PUT_ON_HOLD, unbuildable,
-                               {"last_error": unbuildable, "last_outcome": Outcome.CLIENT_BUG.value, "on_hold": True})
-        attempt = CloseAttempt(
-            order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
-            out_trade_no=order.out_trade_no, trigger=self.trigger, user=self.user, actor=self.actor,
-            url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
-        )
-        return _Job(order, attempt, client, prepared, lease_ends)
-
-    def _write_rows(self, jobs: list[_Job]) -> None:
+    def _write_rows(self, jobs: list[Job]) -> None:
         rows = [job.attempt for job in jobs]
         if connections[self.db].features.can_return_rows_from_bulk_insert:
             CloseAttempt.objects.using(self.db).bulk_create(rows)
@@ -285,32 +182,22 @@ class _Engine:
             for row in rows:
                 row.save(using=self.db)
 
-    def _configuration_problem(self, order: Order) -> str:
-        configured = self.settings.merchants.get(order.merchant)
-        if configured is None:
-            return f"merchant {order.merchant!r} is not in WXPAY_CLOSE['MERCHANTS']"
-        merchant = configured.merchant
-        if (order.appid, order.mch_id) != (merchant.appid, merchant.mch_id):
-            return (f"order was created for appid {order.appid}/mch_id {order.mch_id} but merchant "
-                    f"{order.merchant!r} is configured with {merchant.appid}/{merchant.mch_id}")
-        return ""
-
     # -- 2. send (in the pool's workers: HTTP only, no database) ---------------------------------------
 
-    def exchange(self, job: _Job) -> _Answer:
+    def exchange(self, job: Job) -> Answer:
         try:
             why = self._why_not_send(job)
             if why:
-                return _Answer(job, not_sent=why)
+                return Answer(job, not_sent=why)
             result = job.client.send(job.prepared)
             outlived_lease = time.monotonic() >= job.lease_ends
             spends_retry = self.judgement.learn(job.order.pk, job.order.merchant, result,
                                                 outlived_lease=outlived_lease)
-            return _Answer(job, result, outlived_lease=outlived_lease, spends_retry=spends_retry)
+            return Answer(job, result, outlived_lease=outlived_lease, spends_retry=spends_retry)
         except Exception as exc:  # noqa: BLE001 - one order's bug must not stop the others
-            return _Answer(job, error=exc)
+            return Answer(job, error=exc)
 
-    def _why_not_send(self, job: _Job) -> str:
+    def _why_not_send(self, job: Job) -> str:
         if self.stopping:
             return self.stopping
         if job.order.merchant in self.judgement.halted:
@@ -323,13 +210,13 @@ class _Engine:
 
     # -- 3. record ----------------------------------------------------------------------------------
 
-    def take(self, answer: _Answer) -> None:
+    def take(self, answer: Answer) -> None:
         """Decide what an answer means for its order, to be written with the next few."""
         if answer.result is None:
             self._unwritten.append(answer)
             return
         decision = decide(answer.job.order, answer.result, self.settings, spends_retry=answer.spends_retry)
-        self._unwritten.append(_Verdict(answer, decision))
+        self._unwritten.append(Verdict(answer, decision))
 
     def give_back_retries(self) -> None:
         """The run judged WeChat unreachable: the retries its recent transport failures spent were not the
@@ -374,15 +261,15 @@ class _Engine:
                 self._log_unwritten(item)
             self._unwritten.clear()
 
-    def _write_together(self, pending: list[_Verdict | _Answer]) -> None:
+    def _write_together(self, pending: list[Verdict | Answer]) -> None:
         """All these answers in one transaction: each group of equal decisions is one UPDATE of its orders.
         Raises `_Regroup` (nothing written) when anything is off: a lost connection, a group that changed
         fewer orders than it holds (a claim lost, a state moved), an order to be looked at on its own."""
-        verdicts = [item for item in pending if isinstance(item, _Verdict)]
-        unsent = [item for item in pending if isinstance(item, _Answer)]
+        verdicts = [item for item in pending if isinstance(item, Verdict)]
+        unsent = [item for item in pending if isinstance(item, Answer)]
         if any(item.error is not None for item in unsent):
             raise _Regroup
-        groups: dict[tuple[tuple[str, str], ...], list[_Verdict]] = defaultdict(list)
+        groups: dict[tuple[tuple[str, str], ...], list[Verdict]] = defaultdict(list)
         for verdict in verdicts:
             groups[verdict.decision.group_key].append(verdict)
         try:
@@ -396,7 +283,7 @@ class _Engine:
                         raise _Regroup
                 for verdict in verdicts:
                     assert verdict.answer.result is not None
-                    if not verdict.answer.job.attempt.complete(**_audit_answer(verdict.answer.result)):
+                    if not verdict.answer.job.attempt.complete(**audit_answer(verdict.answer.result)):
                         raise _Regroup  # settled as abandoned meanwhile: a late answer, kept on its own
                 self._release_unsent(unsent)
                 for verdict in verdicts:
@@ -412,10 +299,10 @@ class _Engine:
         for verdict in verdicts:
             self._report(verdict.answer, verdict.decision.action, verdict.decision.reason)
         for answer in unsent:
-            self.report.add(_order_result(answer.job.order, CloseAction.SKIPPED, answer.not_sent,
+            self.report.add(order_result(answer.job.order, CloseAction.SKIPPED, answer.not_sent,
                                           attempt=answer.job.attempt))
 
-    def _release_unsent(self, unsent: list[_Answer]) -> None:
+    def _release_unsent(self, unsent: list[Answer]) -> None:
         if not unsent:
             return
         ids = [answer.job.order.pk for answer in unsent]
@@ -427,22 +314,22 @@ class _Engine:
         for reason, attempt_ids in by_reason.items():
             CloseAttempt.objects.using(self.db).filter(pk__in=attempt_ids).complete(reason=reason)
 
-    def _write_one(self, item: _Verdict | _Answer) -> None:
+    def _write_one(self, item: Verdict | Answer) -> None:
         """One answer in its own transaction, however it turned out; an answer whose write committed before
         (its acknowledgement lost with the connection, or the run interrupted) is only reported."""
-        if isinstance(item, _Answer):
+        if isinstance(item, Answer):
             with transaction.atomic(using=self.db):
                 if item.error is not None:
                     self._failed(item)
                 else:
                     self._release_unsent([item])
             if item.error is None:
-                self.report.add(_order_result(item.job.order, CloseAction.SKIPPED, item.not_sent,
+                self.report.add(order_result(item.job.order, CloseAction.SKIPPED, item.not_sent,
                                               attempt=item.job.attempt))
             return
         job, result, decision = item.answer.job, item.answer.result, item.decision
         assert result is not None
-        answer = _audit_answer(result)
+        answer = audit_answer(result)
         with transaction.atomic(using=self.db):
             if CloseAttempt.objects.using(self.db).filter(
                     pk=job.attempt.pk, outcome=answer["outcome"], response_body=answer["response_body"]).exists():
@@ -455,92 +342,55 @@ class _Engine:
             if not applied:
                 action, reason = self._not_applied(job.order, result, decision)
                 answer["reason"] = "; ".join(filter(None, [result.reason, f"applied nothing: {reason}"]))
-            if not job.attempt.complete(**answer):
-                CloseAttempt.objects.using(self.db).create(
-                    order=job.order, late_answer_to=job.attempt, merchant=job.order.merchant,
-                    mch_id=job.order.mch_id, sub_mch_id=job.order.sub_mch_id, out_trade_no=job.order.out_trade_no,
-                    trigger=self.trigger, user=self.user, actor=self.actor, sign_type=job.attempt.sign_type,
-                    request_xml="", started_at=job.attempt.started_at, completed_at=timezone.now(),
-                    **{**answer, "reason": "; ".join(
-                        filter(None, [answer["reason"], LATE_ANSWER]))})
+            if not job.attempt.complete(**answer):  # settled as abandoned by the close that took the order over
+                job.attempt.keep_late_answer(**{**answer, "reason": "; ".join(filter(None, [answer["reason"],
+                                                                                             LATE_ANSWER]))})
                 action, reason = CloseAction.CLAIM_LOST, LATE_ANSWER
             if applied:
                 self._applied(item)
         self._report(item.answer, action, reason)
 
     def _not_applied(self, order: Order, result: CloseResult, decision: Decision) -> tuple[CloseAction, str]:
-        """Why an answer's UPDATE found nothing to change: the claim was taken over, or the state moved (a
-        payment recorded meanwhile, say). In the second case the exchange is still counted and the claim given
-        back; WeChat's 'closed' for an order we hold paid is an incident, put before a person."""
+        """An answer's UPDATE found nothing to change: the claim was taken over, or the state moved while the close
+        was in flight (a payment recorded, say); then the exchange is still counted and the claim given back."""
         current = Order.objects.using(self.db).filter(pk=order.pk).values("state", "claim_token").get()
         if current["claim_token"] != self.token or current["state"] == OrderState.OPEN:
             return CloseAction.CLAIM_LOST, LATE_ANSWER
-        bookkeeping = {name: decision.values[name] for name in
-                       ("attempt_count", "last_attempt_at", "last_outcome", "last_error", "in_flight")}
-        mine = Order.objects.using(self.db).filter(pk=order.pk, claim_token=self.token)
-        if current["state"] == OrderState.PAID and result.outcome is Outcome.PAID:
-            mine.update(**bookkeeping)
-            return CloseAction.FOUND_PAID, "the payment was recorded while the close was in flight"
-        if current["state"] == OrderState.PAID and result.outcome.order_is_closed:
-            reason = ("WeChat answered that the order is closed, but a payment was recorded for it: check the "
-                      "payment at WeChat and refund or fulfil it")
-            mine.update(**{**bookkeeping, "last_error": reason}, on_hold=True)
-            logger.error("closeorder %s: %s", order.out_trade_no, reason,
+        moved = after_state_moved(current["state"], result, decision)
+        Order.objects.using(self.db).filter(pk=order.pk, claim_token=self.token).update(**moved.values)
+        if moved.signal is not None:  # an incident: WeChat closed an order a payment was recorded for
+            logger.error("closeorder %s: %s", order.out_trade_no, moved.reason,
                          extra={"order_id": order.pk, "out_trade_no": order.out_trade_no})
-            signals.send_after_commit(signals.closed_after_payment, order, using=self.db, attempt=None,
-                                      outcome=result.outcome, reason=reason)
-            return CloseAction.PUT_ON_HOLD, reason
-        mine.update(**bookkeeping)
-        return CloseAction.FAILED, f"WeChat answered {result.outcome.value} but the order is now {current['state']}"
+            signals.send_after_commit(moved.signal, order, using=self.db, attempt=None, **moved.signal_kwargs)
+        return moved.action, moved.reason
 
-    def _applied(self, verdict: _Verdict) -> None:
+    def _applied(self, verdict: Verdict) -> None:
         decision = verdict.decision
         if decision.signal is not None:
             signals.send_after_commit(decision.signal, verdict.answer.job.order, using=self.db,
                                       attempt=verdict.answer.job.attempt, **decision.signal_kwargs)
 
-    def _report(self, answer: _Answer, action: CloseAction, reason: str) -> None:
-        order, result = answer.job.order, answer.result
-        assert result is not None
-        logger.info(
-            "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
-            extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
-                   "outcome": result.outcome.value, "action": action.value,
-                   "duration_ms": round(result.elapsed * 1000), "attempt_id": answer.job.attempt.pk},
-        )
-        self.report.add(_order_result(order, action, reason, result=result, attempt=answer.job.attempt))
+    def _report(self, answer: Answer, action: CloseAction, reason: str) -> None:
+        self.report.add(answered(answer, action, reason))
 
-    def _failed(self, answer: _Answer) -> None:
+    def _failed(self, answer: Answer) -> None:
         """Sending failed on our side (a bug): the row says so, the order is given back for a later run."""
-        order, exc = answer.job.order, answer.error
-        reason = f"{type(exc).__name__}: {exc}"
-        logger.error("Closing order %s failed unexpectedly", order.out_trade_no, exc_info=exc,
-                     extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant})
+        assert answer.error is not None
+        reason = f"{type(answer.error).__name__}: {answer.error}"
         answer.job.attempt.complete(reason=f"not sent: {reason}")
-        self.report.add(_order_result(order, CloseAction.FAILED, reason, attempt=answer.job.attempt))
+        self.report.add(failed(answer, reason, answer.error))
 
-    def _log_unwritten(self, item: _Verdict | _Answer, exc: BaseException | None = None) -> None:
-        """An answer that cannot be written (the database is away, or refuses it) is logged whole, never dropped;
-        its row stays unfinished, and the order is closed again once its claim lapses."""
-        answer = item.answer if isinstance(item, _Verdict) else item
-        order, result = answer.job.order, answer.result
+    def _log_unwritten(self, item: Verdict | Answer, exc: BaseException | None = None) -> None:
+        answer = item.answer if isinstance(item, Verdict) else item
         why = f"{type(exc).__name__}: {exc}" if exc is not None else self.database_error
-        logger.error(
-            "Could not record the answer to closeorder %s (outcome %s): %s. Its audit row stays unfinished and "
-            "the order is closed again once its claim lapses. Response body: %s", order.out_trade_no,
-            result.outcome.value if result else "not sent", why, stored_text(result.response_body) if result else "",
-            exc_info=exc, extra={"order_id": order.pk, "out_trade_no": order.out_trade_no,
-                                 "attempt_id": answer.job.attempt.pk,
-                                 "outcome": result.outcome.value if result else ""},
-        )
-        self.report.add(_order_result(order, CloseAction.FAILED, why, result=result, attempt=answer.job.attempt))
+        self.report.add(unwritten(answer, why, exc))
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def run(self, next_batch: Callable[[int], list[_Job] | None]) -> CloseReport:
+    def run(self, next_batch: Callable[[int], list[Job] | None]) -> CloseReport:
         """Claim with `next_batch(size)` (None: nothing more to claim) while there is room, send through the
         pool, write the answers as they come. Ctrl-C: claim and send nothing more, write what is in flight."""
-        in_flight: dict[Future[_Answer], _Job] = {}
+        in_flight: dict[Future[Answer], Job] = {}
         exhausted = False
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wxpay-close")
         try:
@@ -580,7 +430,7 @@ class _Engine:
             raise KeyboardInterrupt
         return self.report
 
-    def _claimed(self, next_batch: Callable[[int], list[_Job] | None], size: int) -> list[_Job] | None:
+    def _claimed(self, next_batch: Callable[[int], list[Job] | None], size: int) -> list[Job] | None:
         try:
             return next_batch(size)
         except DatabaseUnavailable as exc:
@@ -590,118 +440,3 @@ class _Engine:
 
 class _Regroup(Exception):
     """The answers written together must be written one by one instead (nothing of the try was committed)."""
-
-
-# -- public services ---------------------------------------------------------------------------------
-
-
-def _close_chosen(engine: _Engine, orders: Iterable[Order]) -> CloseReport:
-    """Close orders a person or the shop's code chose: a hold is lifted and the retry budget restarts."""
-    chosen: Iterator[Order] = iter(orders)
-    min_age = engine.settings.min_order_age
-
-    def next_batch(size: int) -> list[_Job] | None:
-        batch = [order for _, order in zip(range(size), chosen, strict=False)]
-        if not batch:
-            return None
-        candidates = Order.objects.using(engine.db).filter(
-            Q(in_flight=False) | Q(due_at__lte=Now()),
-            pk__in=[order.pk for order in batch], state=OrderState.OPEN, created_at__lte=Now() - min_age,
-        ).order_by("pk")
-        jobs, claimed = engine.claim(candidates, len(batch), on_hold=False, retry_count=0)
-        taken = {order.pk for order in claimed}
-        for order in batch:
-            if order.pk not in taken:
-                engine.report.add(_order_result(order, CloseAction.SKIPPED, _why_not_claimed(engine, order)))
-        return jobs
-
-    return engine.run(next_batch)
-
-
-def _why_not_claimed(engine: _Engine, order: Order) -> str:
-    order.refresh_from_db(using=engine.db)
-    # The claim asked the database's clock, this preview the host's: where they disagree, the claim was right.
-    return why_not_closable(order, now=timezone.now(), min_order_age=engine.settings.min_order_age) or (
-        CLAIMED_ELSEWHERE if order.in_flight else TOO_YOUNG)
-
-
-def close_order(order: Order, *, trigger: str = Trigger.CODE, user: Any = None) -> OrderCloseResult:
-    """Close one order now (if it is open, old enough and not in flight elsewhere); `order` is refreshed.
-
-    Raises `DatabaseUnavailable` if the database went away and stayed away while the close was under way.
-    """
-    engine = _Engine(load_settings(), trigger=trigger, user=user)
-    engine.require_autocommit()
-    results: list[OrderCloseResult] = []
-    engine.report.observer = results.append
-    try:
-        _close_chosen(engine, [order])
-    except DatabaseUnavailable as exc:
-        raise DatabaseUnavailable(str(exc)) from exc
-    order.refresh_from_db(using=engine.db)
-    return results[-1]
-
-
-def close_orders(
-    orders: Iterable[Order], *, trigger: str = Trigger.CODE, user: Any = None, workers: int | None = None,
-    on_result: Callable[[OrderCloseResult], None] | None = None,
-) -> CloseReport:
-    """Close several chosen orders (the admin action) with `workers` HTTP workers."""
-    settings = load_settings()
-    engine = _Engine(settings, trigger=trigger, user=user, workers=workers or settings.workers)
-    engine.require_autocommit()
-    engine.report.observer = on_result
-    return _close_chosen(engine, orders)
-
-
-def sweep_expired_orders(
-    *,
-    trigger: str = Trigger.COMMAND,
-    merchants: list[str] | None = None,
-    older_than: timedelta | None = None,
-    limit: int | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    dry_run: bool = False,
-    on_result: Callable[[OrderCloseResult], None] | None = None,
-) -> CloseReport:
-    """Close every open order whose time has come, `workers` requests at a time.
-
-    Several sweepers (cron on many hosts) share a backlog without sending the same order twice: each order is
-    claimed with a lease on the database's clock. A merchant with two configuration errors in a row is halted
-    for the rest of the run; a run whose requests mostly fail in transport stops early (`stopped_early`).
-    `batch_size` is the chunk a dry run reads at a time. Raises `DatabaseUnavailable` (with the report so far)
-    when the database went away and stayed away.
-    """
-    settings = load_settings()
-    engine = _Engine(settings, trigger=trigger, workers=workers or settings.workers)
-    engine.require_autocommit()
-    engine.report.observer = on_result
-
-    if dry_run:
-        due = orders_due_for_closing(min_order_age=settings.min_order_age, merchants=merchants,
-                                     older_than=older_than, using=engine.db)
-        for order in (due[:limit] if limit else due).iterator(chunk_size=batch_size or settings.batch_size):
-            engine.report.add(_order_result(order, CloseAction.SKIPPED, "dry run: would send closeorder"))
-        return engine.report.finish()
-
-    left = limit
-
-    def next_batch(size: int) -> list[_Job] | None:
-        nonlocal left
-        size = size if left is None else min(size, left)
-        if size <= 0:
-            return None
-        candidates = orders_due_for_closing(min_order_age=settings.min_order_age, merchants=merchants,
-                                            exclude_merchants=list(engine.judgement.halted), older_than=older_than,
-                                            using=engine.db)
-        # Never an order this run claimed before (its token stays on it): one run sends for an order once.
-        candidates = candidates.exclude(claim_token=engine.token)
-        if engine.failed_claims:
-            candidates = candidates.exclude(pk__in=engine.failed_claims)
-        jobs, claimed = engine.claim(candidates, size)
-        if left is not None:
-            left -= len(claimed)
-        return jobs if claimed else None
-
-    return engine.run(next_batch)

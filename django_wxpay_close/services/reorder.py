@@ -13,7 +13,7 @@ from ..conf import load_settings
 from ..models import Order, OrderState, write_database
 from ..reports import OrderCloseResult
 from ..selectors import TOO_YOUNG
-from .engine import close_order
+from .closing import close_order
 
 
 class ReorderVerdict(str, Enum):
