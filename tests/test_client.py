@@ -32,6 +32,7 @@ from django_wxpay_close.wechat import (
     verify_signature,
 )
 
+from .raw_http import RawHTTPServer
 from .wechat_answers import (
     API_KEY,
     APPID,
@@ -563,6 +564,40 @@ def test_an_answer_still_arriving_after_the_deadline_is_network_error(wechat: re
 
     assert result.outcome is Outcome.NETWORK_ERROR
     assert "not complete within" in result.reason
+
+
+def _trickle_then_fall_silent(server: RawHTTPServer, conn: socket.socket) -> None:
+    """Headers, then a byte each 0.5 s (within any read timeout over 0.5 s) three times, then nothing."""
+    server.send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(3):
+        server.send(conn, b"<")
+        time.sleep(0.5)
+    time.sleep(3)
+
+
+def test_a_read_still_waiting_at_the_deadline_is_cut_there_not_at_the_read_timeout() -> None:
+    # connect 0.3 s + read 1.0 s: the deadline falls 0.3 s into the silence, the read timeout only 1.0 s into it.
+    with RawHTTPServer(lambda conn: _trickle_then_fall_silent(server, conn)) as server, \
+            CloseOrderClient(make_merchant(), base_urls=[server.url], connect_timeout=0.3, read_timeout=1.0) as client:
+        result = client.close_order(ORDER)
+
+    assert result.outcome is Outcome.NETWORK_ERROR
+    assert result.reason == "response not complete within the 1s read timeout plus connect time"
+
+
+def test_a_connection_cut_at_the_deadline_is_not_reused() -> None:
+    answers = iter([lambda conn: _trickle_then_fall_silent(server, conn),
+                    lambda conn: server.send(conn, _http_200(signed_answer(answer_fields())))])
+    with RawHTTPServer(lambda conn: next(answers)(conn)) as server, \
+            CloseOrderClient(make_merchant(), base_urls=[server.url], connect_timeout=0.3, read_timeout=1.0) as client:
+        outcomes = [client.close_order(ORDER).outcome, client.close_order(ORDER).outcome]
+
+    assert outcomes == [Outcome.NETWORK_ERROR, Outcome.CLOSED]
+    assert len(server.requests) == 2
+
+
+def _http_200(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 def test_a_redirect_is_not_followed(wechat: responses.RequestsMock, client: CloseOrderClient) -> None:
