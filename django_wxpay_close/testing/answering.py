@@ -68,6 +68,7 @@ class AnsweringSide:
     _faults: list[FaultRule]
     _log: list[RecordedRequest]
     _request_counts: dict[Api, Counter[OrderKey]]
+    _request_counts_by_number: dict[Api, Counter[str]]
     _transaction_numbers: itertools.count[int]
 
     # -- answering (called by the request handler threads) ---------------------------------------------
@@ -105,6 +106,7 @@ class AnsweringSide:
             key = self._key_of(fields)
             if key.out_trade_no:
                 self._request_counts[api][key] += 1
+                self._request_counts_by_number[api][key.out_trade_no] += 1
             if refusal is not None:
                 reply, answer, detail, rule, closed = Reply(200, unsigned_fail(refusal)), "FAIL", refusal, None, False
             else:

@@ -82,6 +82,7 @@ class WeChatPaySimulator(AnsweringSide, NotifyingSide):
         self._faults: list[FaultRule] = []
         self._log: list[RecordedRequest] = []
         self._request_counts: dict[Api, Counter[OrderKey]] = {"closeorder": Counter(), "orderquery": Counter()}
+        self._request_counts_by_number: dict[Api, Counter[str]] = {"closeorder": Counter(), "orderquery": Counter()}
         self._connections: set[socket.socket] = set()
         self._connections_opened = 0
         self._stopping = threading.Event()
@@ -269,13 +270,14 @@ class WeChatPaySimulator(AnsweringSide, NotifyingSide):
 
     def _requests_for(self, api: Api, out_trade_no: str) -> int:
         with self._lock:
-            return sum(count for key, count in self._request_counts[api].items() if key.out_trade_no == out_trade_no)
+            return self._request_counts_by_number[api][out_trade_no]
 
     def reset_log(self) -> None:
         with self._lock:
             self._log.clear()
-            for counts in self._request_counts.values():
-                counts.clear()
+            for api in REQUIRED_FIELDS:
+                self._request_counts[api].clear()
+                self._request_counts_by_number[api].clear()
 
     # -- connection bookkeeping, so stop() can cut keep-alive connections ------------------------------
 
