@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 import responses
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from django_wxpay_close.wechat import (
@@ -21,6 +24,7 @@ from django_wxpay_close.wechat import (
     SignType,
     TradeState,
     decode_xml,
+    encode_xml,
     verify_signature,
 )
 
@@ -304,3 +308,47 @@ def test_a_query_read_timeout_does_not_fail_over(
     assert (result.verdict, result.failure, result.url, result.failed_over_from) == (
         QueryVerdict.UNKNOWN, Outcome.NETWORK_ERROR, URL, None)
     assert result.reason.startswith("read timeout")
+
+
+# --- fuzzed: nothing but a correctly signed answer settles an order -----------------------------
+
+FIELD_NAMES = st.sampled_from(["trade_state", "total_fee", "transaction_id", "out_trade_no", "result_code", "err_code",
+                               "return_code", "mch_id", "sign", "time_end"]) | st.from_regex(r"[a-z_]{1,12}",
+                                                                                                fullmatch=True)
+FIELD_VALUES = st.sampled_from(["SUCCESS", "REFUND", "CLOSED", "FAIL", "1999", ORDER, MCH_ID, ""]) | st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=20)
+
+
+@hypothesis_settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(FIELD_NAMES, FIELD_VALUES, max_size=12),
+       signing=st.sampled_from(["wrong-key", "unsigned", "tampered"]))
+def test_an_answer_not_signed_with_our_key_never_settles_an_order(
+    client: CloseOrderClient, fields: dict[str, str], signing: str
+) -> None:
+    answer = {**query_fields("SUCCESS"), **fields}
+    if signing == "wrong-key":
+        body = signed_answer(answer, api_key=WRONG_KEY)
+    elif signing == "unsigned":
+        answer.pop("sign", None)
+        body = encode_xml(answer)
+    else:
+        signed = decode_xml(signed_answer(answer)) if "sign" not in fields else answer
+        signed["total_fee"] = signed.get("total_fee", "") + "0"
+        body = encode_xml(signed)
+    with responses.RequestsMock() as wechat:
+        wechat.add(responses.POST, URL, body=body)
+        result = client.query_order(ORDER)
+
+    assert not result.verdict.settles_order and result.total_fee is None
+
+
+@hypothesis_settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=2048))
+def test_arbitrary_bytes_never_settle_an_order(client: CloseOrderClient, body: bytes) -> None:
+    with responses.RequestsMock() as wechat:
+        wechat.add(responses.POST, URL, body=body)
+        result = client.query_order(ORDER)
+
+    assert (result.verdict, result.trade_state) == (QueryVerdict.UNKNOWN, None)
