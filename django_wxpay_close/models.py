@@ -13,10 +13,10 @@ from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
-from .wechat import Outcome
+from .wechat import OUT_TRADE_NO_PATTERN, Outcome
 
 out_trade_no_validator = RegexValidator(
-    r"^[A-Za-z0-9_\-|*@]{1,32}\Z", _("1-32 characters: letters, digits and _ - | * @ only.")
+    OUT_TRADE_NO_PATTERN, _("1-32 characters: letters, digits and _ - | * @ only.")
 )
 
 

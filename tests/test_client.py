@@ -20,6 +20,7 @@ from django_wxpay_close import __version__
 from django_wxpay_close import testing as simulated
 from django_wxpay_close.wechat import (
     CLOSEORDER_PATH,
+    OUT_TRADE_NO_PATTERN,
     CloseOrderClient,
     CloseResult,
     InvalidRequestField,
@@ -27,9 +28,11 @@ from django_wxpay_close.wechat import (
     Outcome,
     SignType,
     decode_xml,
+    validate_out_trade_no,
     verify_signature,
 )
 
+from .raw_http import RawHTTPServer
 from .wechat_answers import (
     API_KEY,
     APPID,
@@ -213,6 +216,27 @@ def test_out_trade_no_of_letters_digits_and_allowed_specials_is_accepted(
     assert client.prepare(out_trade_no).fields["out_trade_no"] == out_trade_no
 
 
+@pytest.mark.parametrize("out_trade_no", ["A_b-c|d*e@f", "A" * 32, "", "A" * 33, "ORDER 1", "订单1", "ORDER1\n"])
+def test_the_model_field_and_the_client_accept_the_same_out_trade_nos(out_trade_no: str) -> None:
+    from django.core.exceptions import ValidationError
+
+    from django_wxpay_close.models import out_trade_no_validator
+
+    try:
+        validate_out_trade_no(out_trade_no)
+        client_accepts = True
+    except InvalidRequestField:
+        client_accepts = False
+    try:
+        out_trade_no_validator(out_trade_no)
+        model_accepts = True
+    except ValidationError:
+        model_accepts = False
+
+    assert out_trade_no_validator.regex.pattern == OUT_TRADE_NO_PATTERN
+    assert model_accepts == client_accepts
+
+
 @pytest.mark.parametrize("field_name", ["appid", "mch_id", "sub_mch_id", "sub_appid"])
 def test_an_id_longer_than_32_characters_is_refused_naming_the_field(field_name: str) -> None:
     ids = {"appid": APPID, "mch_id": MCH_ID, "sub_mch_id": SUB_MCH_ID, field_name: "9" * 33}
@@ -295,6 +319,19 @@ def test_systemerror_is_retryable_error(wechat: responses.RequestsMock, client: 
 
     assert result.outcome is Outcome.RETRYABLE_ERROR
     assert result.reason == "SYSTEMERROR: System error"
+
+
+@pytest.mark.parametrize("err_code", ["ORDERPAID", "ORDERCLOSED", "ORDERNOTEXIST", "SYSTEMERROR"])
+def test_a_signed_success_carrying_an_err_code_is_untrusted_as_contradictory(
+    wechat: responses.RequestsMock, client: CloseOrderClient, err_code: str
+) -> None:
+    contradictory = answer_fields(err_code=err_code, err_code_des="Order is paid.")
+
+    result = close_against(wechat, client, signed_answer(contradictory))
+
+    assert (result.outcome, result.signature_verified) == (Outcome.UNTRUSTED_RESPONSE, True)
+    assert result.reason == f"contradictory answer: result_code SUCCESS with err_code {err_code}"
+    assert result.outcome.needs_attention and not result.outcome.order_is_closed
 
 
 @pytest.mark.parametrize(
@@ -527,6 +564,40 @@ def test_an_answer_still_arriving_after_the_deadline_is_network_error(wechat: re
 
     assert result.outcome is Outcome.NETWORK_ERROR
     assert "not complete within" in result.reason
+
+
+def _trickle_then_fall_silent(server: RawHTTPServer, conn: socket.socket) -> None:
+    """Headers, then a byte each 0.5 s (within any read timeout over 0.5 s) three times, then nothing."""
+    server.send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(3):
+        server.send(conn, b"<")
+        time.sleep(0.5)
+    time.sleep(3)
+
+
+def test_a_read_still_waiting_at_the_deadline_is_cut_there_not_at_the_read_timeout() -> None:
+    # connect 0.3 s + read 1.0 s: the deadline falls 0.3 s into the silence, the read timeout only 1.0 s into it.
+    with RawHTTPServer(lambda conn: _trickle_then_fall_silent(server, conn)) as server, \
+            CloseOrderClient(make_merchant(), base_urls=[server.url], connect_timeout=0.3, read_timeout=1.0) as client:
+        result = client.close_order(ORDER)
+
+    assert result.outcome is Outcome.NETWORK_ERROR
+    assert result.reason == "response not complete within the 1s read timeout plus connect time"
+
+
+def test_a_connection_cut_at_the_deadline_is_not_reused() -> None:
+    answers = iter([lambda conn: _trickle_then_fall_silent(server, conn),
+                    lambda conn: server.send(conn, _http_200(signed_answer(answer_fields())))])
+    with RawHTTPServer(lambda conn: next(answers)(conn)) as server, \
+            CloseOrderClient(make_merchant(), base_urls=[server.url], connect_timeout=0.3, read_timeout=1.0) as client:
+        outcomes = [client.close_order(ORDER).outcome, client.close_order(ORDER).outcome]
+
+    assert outcomes == [Outcome.NETWORK_ERROR, Outcome.CLOSED]
+    assert len(server.requests) == 2
+
+
+def _http_200(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 def test_a_redirect_is_not_followed(wechat: responses.RequestsMock, client: CloseOrderClient) -> None:

@@ -255,7 +255,7 @@ def test_unparseable_body_is_refused_as_xml_format_error(sim: WeChatPaySimulator
 
 
 def test_wrong_path_is_404(sim: WeChatPaySimulator) -> None:
-    response = post_raw(sim, encode_xml(signed_fields(SignType.MD5)), path="/pay/orderquery")
+    response = post_raw(sim, encode_xml(signed_fields(SignType.MD5)), path="/pay/refundquery")
     assert response.status_code == 404
 
 

@@ -1,4 +1,5 @@
-"""Test helpers that need no Django: a loopback WeChat Pay simulator and the demo merchant it knows.
+"""Test helpers that need no Django: a loopback WeChat Pay simulator (closeorder, orderquery, notifications) and
+the demo merchant it knows.
 
 Fixtures for pytest live in `django_wxpay_close.testing.pytest_plugin`; `python -m django_wxpay_close.testing`
 runs the simulator from the command line.
@@ -13,6 +14,7 @@ from .simulator import (
     FaultRule,
     OrderKey,
     OrderState,
+    Payment,
     RecordedRequest,
     UnknownOrders,
     WeChatPaySimulator,
@@ -27,6 +29,7 @@ __all__ = [
     "FaultRule",
     "OrderKey",
     "OrderState",
+    "Payment",
     "RecordedRequest",
     "UnknownOrders",
     "WeChatPaySimulator",

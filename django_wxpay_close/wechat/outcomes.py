@@ -1,11 +1,12 @@
-"""What a closeorder answer means, as the outcome table in docs/protocol.md#outcomes says. No I/O here."""
+"""What a closeorder answer means, as the outcome table in docs/protocol.md#outcomes says, and the checks every
+answer of the API passes before its fields are believed. No I/O here."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
 
-__all__ = ["Outcome", "classify_answer"]
+__all__ = ["Outcome", "answer_failure", "classify_answer", "contradiction"]
 
 
 class Outcome(str, Enum):
@@ -20,7 +21,8 @@ class Outcome(str, Enum):
     INVALID_RESPONSE = "invalid_response"  # an HTTP answer that is not WeChat XML (5xx page, junk)
     CONFIGURATION_ERROR = "configuration_error"  # SIGNERROR or return_code FAIL: wrong key/sign type
     CLIENT_BUG = "client_bug"  # REQUIRE_POST_METHOD, XML_FORMAT_ERROR: our side sent it wrong
-    UNTRUSTED_RESPONSE = "untrusted_response"  # SUCCESS body whose signature is bad or missing
+    # SUCCESS body whose signature is bad or missing, that echoes another merchant, or contradicts itself
+    UNTRUSTED_RESPONSE = "untrusted_response"
     UNEXPECTED_ERROR = "unexpected_error"  # any other err_code, recorded verbatim
 
     @property
@@ -64,7 +66,13 @@ _ERR_CODE_OUTCOMES: Mapping[str, Outcome] = {
 
 
 def classify_answer(fields: Mapping[str, str], *, signature_verified: bool) -> tuple[Outcome, str]:
-    """Outcome and a one-line reason for a parsed WeChat answer (HTTP 200, well-formed XML)."""
+    """Outcome and a one-line reason for a parsed closeorder answer (HTTP 200, well-formed XML)."""
+    return answer_failure(fields, signature_verified=signature_verified) or (Outcome.CLOSED, "")
+
+
+def answer_failure(fields: Mapping[str, str], *, signature_verified: bool) -> tuple[Outcome, str] | None:
+    """Why a parsed answer (of any API) cannot be taken at its word, or None for a verified, self-consistent
+    result_code SUCCESS, whose other fields the caller then reads."""
     return_code = fields.get("return_code", "")
     if return_code == "FAIL":
         return Outcome.CONFIGURATION_ERROR, f"return_code FAIL: {fields.get('return_msg', '') or 'no return_msg'}"
@@ -78,9 +86,17 @@ def classify_answer(fields: Mapping[str, str], *, signature_verified: bool) -> t
         return Outcome.UNTRUSTED_RESPONSE, f"SUCCESS body whose signature {reason}"
     result_code = fields.get("result_code", "")
     err_code = fields.get("err_code", "")
-    if result_code == "SUCCESS" and not err_code:
-        return Outcome.CLOSED, ""
+    if result_code == "SUCCESS":
+        if err_code:
+            # Signed, yet it says both "done" and "failed": believing either half could settle the order wrongly.
+            return Outcome.UNTRUSTED_RESPONSE, contradiction(result_code, err_code)
+        return None
     reason = f"{err_code}: {fields.get('err_code_des', '')}".rstrip(": ") if err_code else (
         f"result_code {result_code!r} without err_code"
     )
     return _ERR_CODE_OUTCOMES.get(err_code, Outcome.UNEXPECTED_ERROR), reason
+
+
+def contradiction(result_code: str, err_code: str) -> str:
+    """The reason recorded for a verified answer whose result_code and err_code contradict each other."""
+    return f"contradictory answer: result_code {result_code} with err_code {err_code}"
