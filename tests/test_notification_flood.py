@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -343,3 +344,44 @@ def test_twenty_concurrent_copies_of_one_notification_say_recorded_exactly_once(
     assert answers == ["SUCCESS"] * 20
     assert verdicts == {Verdict.RECORDED_PAID: 1, Verdict.ALREADY_PAID: 19}
     assert [o.pk for o in paid] == [order.pk]
+
+
+# -- trying the endpoint by hand: the simulator's command line --------------------------------------------------
+
+
+def notify_from_the_command_line(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "django_wxpay_close.testing", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_simulators_command_line_sends_a_signed_notification_that_pays_the_order(make_order, notify_url):
+    order = open_order(make_order)
+    done = notify_from_the_command_line("--notify", notify_url, "--out-trade-no", "PAY-1", "--total-fee", "1000",
+                                        "--fee-type", "HKD")
+    assert done.returncode == 0, done.stderr
+    assert "HTTP 200" in done.stdout and "SUCCESS" in done.stdout
+    order.refresh_from_db()
+    assert order.state == OrderState.PAID
+    assert PaymentNotification.objects.get().verdict == Verdict.RECORDED_PAID
+
+
+def test_the_command_line_prints_a_curl_that_repeats_the_same_notification(make_order, notify_url):
+    open_order(make_order)
+    done = notify_from_the_command_line("--notify", notify_url, "--out-trade-no", "PAY-1", "--total-fee", "1000",
+                                        "--fee-type", "HKD")
+    curl = next(line for line in done.stdout.splitlines() if line.startswith("curl "))
+    repeated = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
+    assert decode_xml(repeated.stdout.encode())["return_code"] == "SUCCESS"
+    assert list(PaymentNotification.objects.order_by("pk").values_list("verdict", flat=True)) == [
+        Verdict.RECORDED_PAID, Verdict.ALREADY_PAID]
+
+
+def test_the_command_line_exits_1_when_the_shop_refuses_the_notification(make_order, notify_url):
+    done = notify_from_the_command_line("--notify", notify_url, "--out-trade-no", "NO-SUCH-ORDER")
+    assert done.returncode == 1
+    assert PaymentNotification.objects.get().verdict == Verdict.UNKNOWN_ORDER
+
+
+def test_the_command_line_sends_notifications_to_loopback_urls_only():
+    done = notify_from_the_command_line("--notify", "https://shop.example.com/wxpay/notify/")
+    assert done.returncode == 2 and "loopback" in done.stderr
