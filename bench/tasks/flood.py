@@ -64,11 +64,12 @@ def run(*, posts: int, genuine: int, clients: int, **_unused: Any) -> dict[str, 
     growth = flood_growth - genuine_growth * during["sent"] / max(quiet["sent"], 1)
     recorded = PaymentNotification.objects.filter(verdict=NotificationVerdict.RECORDED_PAID).count()
     counts = list(UnauthenticatedNotificationCount.objects.all())
+    traces = PaymentNotification.objects.exclude(signature_verified=True).count()
     return {
         "garbage_posts": garbage, "flood_seconds": flood_seconds, "garbage_per_s": garbage / flood_seconds,
         "growth_bytes": growth, "growth_bytes_per_10000": growth * 10_000 / garbage,
         "growth_bytes_with_genuine": flood_growth, "genuine_growth_bytes": genuine_growth,
-        "traces": PaymentNotification.objects.exclude(signature_verified=True).count(),
+        "traces": traces, "bytes_per_trace": _bytes_per_trace(),
         "minutes_counted": len(counts), "counted": sum(row.received for row in counts),
         "genuine_during_flood": during, "genuine_without_flood": quiet,
         "genuine_recorded": recorded, "genuine_sent": during["sent"] + quiet["sent"],
@@ -90,6 +91,20 @@ def _genuine(url: str, bodies: list[bytes], *, floods: list[threading.Thread]) -
     ordered = sorted(times) or [0.0]
     return {"sent": len(times), "acknowledged": acknowledged, "median_ms": statistics.median(ordered),
             "p95_ms": ordered[int(0.95 * (len(ordered) - 1))], "max_ms": ordered[-1]}
+
+
+def _bytes_per_trace(count: int = 2000) -> float:
+    """What one trace takes with its indexes: `count` garbage bodies handled in this process, bound lifted."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    from django_wxpay_close.notifications import handle_payment_notification
+
+    before = _app_tables_bytes()
+    with override_settings(WXPAY_CLOSE={**settings.WXPAY_CLOSE, "NOTIFICATION_TRACES_PER_MINUTE": count}):
+        for _ in range(count):
+            handle_payment_notification(GARBAGE, client_address="203.0.113.9")
+    return (_app_tables_bytes() - before) / count
 
 
 def _orders(count: int) -> None:
