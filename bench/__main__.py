@@ -18,7 +18,7 @@ from .plan import FULL, QUICK
 from .settings import SQLITE_PATH
 from .simproc import simulator_process
 
-SECTIONS = ("client", "service", "profile", "sweep", "backoff", "ceiling", "processes", "memory")
+SECTIONS = ("client", "service", "profile", "sweep", "backoff", "ceiling", "processes", "memory", "flood")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
             "service": lambda: sections.service_overhead(plan, backends, instant),
             "profile": lambda: sections.profile(plan, backends[0], instant),
             "sweep": lambda: sections.sweep_throughput(plan, backends[0], slow),
+            "flood": lambda: sections.flood(plan, backends),
         }
         if postgres is not None:  # the PostgreSQL-only sections
             runs["backoff"] = lambda: sections.backoff(plan, postgres, slow)

@@ -22,6 +22,9 @@ class Plan:
     process_layouts: tuple[tuple[int, int, float], ...]
     processes_repeats: int
     memory_orders: tuple[int, ...]  # dry-run backlogs whose peak RSS is compared
+    flood_posts: int = 10_000  # garbage POSTs at the notify URL per backend
+    flood_genuine: int = 200  # genuine notifications sent during the flood (and as many without)
+    flood_clients: int = 2  # keep-alive connections the garbage comes from
 
 
 FULL = Plan(
@@ -42,4 +45,5 @@ QUICK = Plan(
     processes_orders=200,
     process_layouts=((1, 32, 0.01), (2, 16, 0.01), (8, 8, 0.04)), processes_repeats=1,
     memory_orders=(200, 2000),
+    flood_posts=300, flood_genuine=20,
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import flood
+
 
 def _fig(figure: dict[str, Any] | None, fmt: str = "{:.0f}") -> str:
     if not figure:
@@ -123,6 +125,8 @@ def render(results: dict[str, Any]) -> str:
                 for orders, r in memory.items()]
         rows += _real_sweep_peaks(results)
         out += _table(["backlog", "mode", "RSS before sweep MiB", "peak RSS MiB"], rows) + [""]
+    if floods := results.get("flood"):
+        out += flood.render(floods)
     return "\n".join(out)
 
 

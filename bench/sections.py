@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import runner
+from .flood import flood  # noqa: F401  (the flood section lives in its own module)
 from .machine import BusyCores, DatabaseLoad, cpu_seconds
 from .plan import Plan
 from .runner import Backend

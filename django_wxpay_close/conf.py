@@ -49,10 +49,14 @@ DEFAULTS: dict[str, Any] = {
     "WORKERS": 8,
     "BATCH_SIZE": 100,
     "ADMIN_MAX_SELECTION": 500,
+    "NOTIFICATION_TRACES_PER_MINUTE": 60,
 }
 _DURATIONS = ("PAYMENT_WINDOW", "MIN_ORDER_AGE", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX", "CLAIM_TIMEOUT")
 _POSITIVE_NUMBERS = ("CONNECT_TIMEOUT", "READ_TIMEOUT")
-_POSITIVE_INTEGERS = ("MAX_RESPONSE_BYTES", "MAX_ATTEMPTS", "WORKERS", "BATCH_SIZE", "ADMIN_MAX_SELECTION")
+_POSITIVE_INTEGERS = ("MAX_RESPONSE_BYTES", "MAX_ATTEMPTS", "WORKERS", "BATCH_SIZE", "ADMIN_MAX_SELECTION",
+                      "NOTIFICATION_TRACES_PER_MINUTE")
+# Past this many unauthenticated notification traces a minute, a flood's traces stop being small (check W004).
+NOTIFICATION_TRACES_WARNING = 1000
 _MERCHANT_REQUIRED = ("APPID", "MCH_ID", "SUB_MCH_ID", "API_KEY")
 _MERCHANT_KEYS = frozenset(_MERCHANT_REQUIRED + ("SUB_APPID", "SIGN_TYPE"))
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -81,6 +85,7 @@ class CloseSettings:
     workers: int
     batch_size: int
     admin_max_selection: int
+    notification_traces_per_minute: int = DEFAULTS["NOTIFICATION_TRACES_PER_MINUTE"]
 
     @property
     def base_urls(self) -> tuple[str, ...]:
@@ -275,6 +280,7 @@ def inspect_settings() -> tuple[CloseSettings | None, list[SettingProblem]]:
         retry_backoff=converted["RETRY_BACKOFF"], retry_backoff_max=converted["RETRY_BACKOFF_MAX"],
         claim_timeout=converted["CLAIM_TIMEOUT"], workers=converted["WORKERS"], batch_size=converted["BATCH_SIZE"],
         admin_max_selection=converted["ADMIN_MAX_SELECTION"],
+        notification_traces_per_minute=converted["NOTIFICATION_TRACES_PER_MINUTE"],
     )
     try:
         longest: timedelta | str = parsed_settings.longest_exchange
@@ -291,6 +297,13 @@ def inspect_settings() -> tuple[CloseSettings | None, list[SettingProblem]]:
         report.warning(3, _("WXPAY_CLOSE['MIN_ORDER_AGE'] is %(age)s, under 5 minutes.")
                        % {"age": parsed_settings.min_order_age},
                        _("WeChat rejects or mishandles closing an order younger than 5 minutes."))
+    if parsed_settings.notification_traces_per_minute > NOTIFICATION_TRACES_WARNING:
+        report.warning(4, _("WXPAY_CLOSE['NOTIFICATION_TRACES_PER_MINUTE'] is %(traces)d, more than %(limit)d.")
+                       % {"traces": parsed_settings.notification_traces_per_minute,
+                          "limit": NOTIFICATION_TRACES_WARNING},
+                       _("Each trace of an unauthenticated notification is about a kilobyte: under a flood this many "
+                         "a minute is over %(megabytes)d MB an hour. Genuine notifications are never limited.")
+                       % {"megabytes": parsed_settings.notification_traces_per_minute * 60 // 1000})
     return parsed_settings, report.problems
 
 

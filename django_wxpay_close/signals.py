@@ -17,7 +17,8 @@ The payment notification view sends these two with `attempt=None` and `notificat
 
 - payment_for_closed_order: WeChat reports a payment for an order we had closed. The money was taken: a
   person must refund it (or fulfil the order). The order stays CLOSED.
-- payment_mismatch: a signed notification's total_fee or fee_type differs from the order's amount or currency.
+- payment_mismatch: a signed notification's total_fee or fee_type differs from the order's amount or currency, or its
+  appid (or a sub_appid it names) from the order's.
   The order is not marked paid: a person must check the payment.
 """
 

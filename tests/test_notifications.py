@@ -27,7 +27,7 @@ from django_wxpay_close.models import (
     OrderState,
     PaymentNotification,
 )
-from django_wxpay_close.notifications import MAX_NOTIFICATION_BYTES
+from django_wxpay_close.notifications import MAX_NOTIFICATION_BYTES, TRACE_BODY_BYTES
 from django_wxpay_close.testing import API_KEY, MCH_ID, SUB_MCH_ID, Fault, WeChatPaySimulator
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import SignType, decode_xml, read_notification
@@ -235,12 +235,12 @@ def test_a_notification_for_an_unknown_merchant_is_refused(make_order, notify_ur
     assert (row.verdict, row.signature_verified, row.mch_id) == (Verdict.UNKNOWN_MERCHANT, None, "10009999")
 
 
-def test_an_oversize_body_is_refused_and_stored_capped(simulator, notify_url):
+def test_an_oversize_body_is_refused_and_keeps_only_a_trace(simulator, notify_url):
     body = b"<xml><return_code>SUCCESS</return_code><pad>" + b"x" * MAX_NOTIFICATION_BYTES + b"</pad></xml>"
     assert not acknowledged(simulator.post_notification(notify_url, body))
     row = the_notification()
     assert row.verdict == Verdict.UNREADABLE and "limit" in row.detail
-    assert len(row.raw_body) == MAX_NOTIFICATION_BYTES
+    assert len(row.raw_body) == TRACE_BODY_BYTES and row.body_size == MAX_NOTIFICATION_BYTES + 1
 
 
 def test_a_body_with_a_dtd_is_refused(simulator, notify_url):

@@ -9,6 +9,10 @@ a separate process has no way to learn the orders of the shop that talks to it, 
 "Close selected orders" would otherwise answer ORDERNOTEXIST for every order. `--unknown-orders not_exist`
 answers as WeChat does for an order it never saw. (`WeChatPaySimulator` itself defaults to not_exist: tests
 tell it their orders.)
+
+`--notify URL` plays WeChat's other side instead: it POSTs one correctly signed payment result notification to
+the shop's notify URL (loopback only), prints the answer and a `curl` that sends the same body again, and exits 0
+when the shop answered SUCCESS, 1 otherwise (2 for bad arguments or a URL it refuses).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from ..wechat import CLOSEORDER_PATH, CloseOrderClient, Merchant, SignType
+from ..wechat import CLOSEORDER_PATH, CloseOrderClient, InvalidXMLBody, Merchant, SignType, decode_xml
 from .simulator import API_KEY, APPID, MCH_ID, SUB_MCH_ID, WeChatPaySimulator
 
 DEMO_OUT_TRADE_NO = "DEMO-ORDER-1"
@@ -47,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: %(default)s)")
     parser.add_argument(
         "--merchant", type=_merchant, action="append", metavar="MCH_ID:API_KEY",
-        help=f"a merchant it accepts; repeatable (default: the demo merchant {MCH_ID})",
+        help=f"a merchant it accepts; repeatable (default: the demo merchant {MCH_ID}); with --notify the first "
+             "one signs",
     )
     parser.add_argument(
         "--unknown-orders", choices=("not_exist", "open"), default="open",
@@ -55,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
              "not_exist answers ORDERNOTEXIST",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    notify = parser.add_argument_group(
+        "sending a payment notification",
+        "With --notify it serves nothing: it POSTs one signed payment result notification, as WeChat does, to a "
+        "loopback URL (the shop's notify URL), prints the answer and exits 0 for SUCCESS, 1 otherwise.")
+    notify.add_argument("--notify", metavar="URL", help="the notify URL, e.g. http://127.0.0.1:8000/wxpay/notify/")
+    notify.add_argument("--out-trade-no", default=DEMO_OUT_TRADE_NO, help="the paid order (default: %(default)s)")
+    notify.add_argument("--total-fee", type=int, default=1, help="amount paid, in the minor unit (default: 1)")
+    notify.add_argument("--fee-type", default="HKD", help="currency paid (default: %(default)s)")
+    notify.add_argument("--sub-mch-id", default=SUB_MCH_ID, help="default: %(default)s")
+    notify.add_argument("--appid", default=APPID, help="default: %(default)s")
+    notify.add_argument("--sub-appid", help="sent only when given")
+    notify.add_argument("--sign-type", choices=[t.value for t in SignType], default=SignType.HMAC_SHA256.value,
+                        help="must be the merchant's configured one (default: %(default)s)")
     return parser
 
 
@@ -73,9 +91,39 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _send_notification(args: argparse.Namespace, merchants: dict[str, str]) -> int:
+    """POST one signed notification from the first merchant to args.notify; 0 when the shop answered SUCCESS."""
+    mch_id = next(iter(merchants))
+    signer = WeChatPaySimulator(merchants)  # never started: it only signs and posts
+    body = signer.notification_body(
+        args.out_trade_no, total_fee=args.total_fee, fee_type=args.fee_type, mch_id=mch_id,
+        sub_mch_id=args.sub_mch_id, appid=args.appid, sub_appid=args.sub_appid, sign_type=args.sign_type,
+    )
+    try:
+        status, answer = signer.post_notification(args.notify, body)
+    except ValueError as exc:  # not a loopback URL
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: nothing answered at {args.notify}: {exc}", file=sys.stderr)
+        return 1
+    print(f"Payment notification for {args.out_trade_no} (mch_id {mch_id}, total_fee {args.total_fee} "
+          f"{args.fee_type}) sent to {args.notify}", flush=True)
+    print(f"HTTP {status}: {answer.decode('utf-8', 'replace')}", flush=True)
+    print("Send the same body again (WeChat repeats a notification until it is answered SUCCESS) with:")
+    print(shlex.join(["curl", "-sS", "-X", "POST", "-H", "Content-Type: text/xml", "--data-binary",
+                      body.decode("utf-8"), args.notify]), flush=True)
+    try:
+        return 0 if status == 200 and decode_xml(answer).get("return_code") == "SUCCESS" else 1
+    except InvalidXMLBody:
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     merchants = dict(args.merchant or [(MCH_ID, API_KEY)])
+    if args.notify:
+        return _send_notification(args, merchants)
     simulator = WeChatPaySimulator(
         merchants, host=args.host, port=args.port, unknown_orders=args.unknown_orders, latency=args.latency
     )
@@ -92,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         print(_demo_curl(simulator, demo_mch_id, demo_key), flush=True)
+        print("Tell a shop's notify URL that an order was paid with: python -m django_wxpay_close.testing "
+              "--notify http://127.0.0.1:8000/wxpay/notify/ --out-trade-no ORDER --total-fee AMOUNT --fee-type HKD",
+              flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         try:
             threading.Event().wait()
