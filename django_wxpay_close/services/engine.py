@@ -532,23 +532,29 @@ def _close_chosen(run: _Run, order: Order) -> OrderCloseResult:
 def _run_pool(run: _Run, report: CloseReport, workers: int, next_close: Callable[[], OrderCloseResult | None]) -> None:
     """`workers` threads, each closing one order after another until `next_close` has none or the run stops."""
 
+    count = max(workers, 1)
+    finished: list[bool] = []  # one True per worker done; appended by the workers themselves
+    all_finished = threading.Event()
+
     def work() -> None:
         try:
             while not run.stopping and (result := next_close()) is not None:
                 report.add(result)
         finally:
             connections.close_all()  # this thread's own connections
+            finished.append(True)
+            if len(finished) == count:
+                all_finished.set()
 
-    threads = [threading.Thread(target=work, name=f"wxpay-close-{n}", daemon=True) for n in range(max(workers, 1))]
-    for thread in threads:
-        thread.start()
+    for n in range(count):
+        threading.Thread(target=work, name=f"wxpay-close-{n}", daemon=True).start()
+    # An Event, not Thread.join(): before Python 3.13 a join interrupted by Ctrl-C can mark a running thread as
+    # stopped, so a second join would return while its worker still writes an answer.
     try:
-        for thread in threads:
-            thread.join()
+        all_finished.wait()
     except KeyboardInterrupt:  # let each worker write the answer it waits for, then stop (a second Ctrl-C: now)
         run.interrupted = True
-        for thread in threads:
-            thread.join()
+        all_finished.wait()
         raise
 
 
