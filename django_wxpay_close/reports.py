@@ -237,11 +237,13 @@ def most_urgent(statuses: list[int]) -> int:
 def unusable_settings_summary(errors: list[dict[str, str]], *, dry_run: bool) -> dict[str, Any]:
     """The summary of a run that could not start because WXPAY_CLOSE is unusable: nothing claimed, nothing sent.
 
-    `errors` are the settings' error-level problems as {"id", "message", "hint"}.
+    `errors` are the settings' error-level problems as {"id", "message", "hint"}; the id is "" for an
+    ImproperlyConfigured that is not about WXPAY_CLOSE.
     """
     ids = ", ".join(error["id"] for error in errors if error["id"])
     problem = gettext("WXPAY_CLOSE is not usable (%(ids)s): nothing was sent") % {"ids": ids} if ids \
-        else gettext("WXPAY_CLOSE is not usable: nothing was sent")
+        else gettext("the settings are not usable (%(error)s): nothing was sent") % {
+            "error": "; ".join(error["message"] for error in errors)}
     return {**summarise(CloseReport().finish(), dry_run=dry_run), "configuration_errors": errors,
             "exit_status": EXIT_CONFIGURATION, "ok": False, "problems": problem}
 

@@ -223,7 +223,7 @@ class Command(BaseCommand):
                 self.stderr.write(f"\t{gettext('HINT')}: {error['hint']}")
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
-        elif options["verbosity"] >= 1 and not errors:
+        elif options["verbosity"] >= 1 and (summary["total"] or not errors):  # a run that did something
             self._print_table(summary)
         status = summary["exit_status"]
         if not options["fail_on_error"] and status in FORGIVABLE and not errors:
@@ -235,8 +235,9 @@ class Command(BaseCommand):
         elif status == EXIT_INTERRUPTED:
             message = gettext("close_expired_orders was interrupted; the closes in flight were recorded")
         elif errors:
-            message = gettext("close_expired_orders: %(problems)s. `manage.py check` explains each problem.") % {
-                "problems": summary["problems"]}
+            message = gettext("close_expired_orders: %(problems)s.") % {"problems": summary["problems"]}
+            if any(error["id"] for error in errors):
+                message += " " + gettext("`manage.py check` explains each problem.")
         else:
             message = gettext("close_expired_orders finished with problems: %(problems)s") % {
                 "problems": summary["problems"]}
