@@ -143,23 +143,20 @@ def test_a_bad_argument_exits_2_saying_what_was_expected(flag, value, message):
 
 
 @pytest.fixture
-def sweeper_environment(wxpay_settings: dict[str, Any], transactional_db: None) -> dict[str, str]:
-    """What a process needs to sweep this test's database with this test's simulator."""
-    return {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.subprocess_settings",
-            "WXPAY_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
-            "WXPAY_TEST_CLOSE": close_settings_as_json(wxpay_settings)}
-
-
-@pytest.fixture
-def start_in_terminal(sweeper_environment: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Starts `manage.py close_expired_orders ARGS` as a shell starts a job: the leader of its own process group,
-    which a Ctrl-C in the terminal signals as a whole."""
+def start_in_terminal(wxpay_settings: dict[str, Any], transactional_db: None
+                      ) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts `manage.py close_expired_orders ARGS` on this test's database and simulator (WXPAY_CLOSE as it is
+    when started) as a shell starts a job: the leader of its own process group, which a Ctrl-C in the terminal
+    signals as a whole."""
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str, **env: str) -> subprocess.Popen[str]:
+        environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.subprocess_settings",
+                       "WXPAY_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+                       "WXPAY_TEST_CLOSE": close_settings_as_json(wxpay_settings), **env}
         process = subprocess.Popen([sys.executable, "manage.py", "close_expired_orders", *args], cwd=ROOT,
-                                   env={**sweeper_environment, **env}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                   env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
         started.append(process)
         return process
 
@@ -187,10 +184,12 @@ def test_a_sweeper_process_that_cannot_use_its_settings_makes_the_run_exit_3(mak
 
 def test_ctrl_c_under_processes_exits_130_with_every_process_summarised_and_no_traceback(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator, start_in_terminal: Callable[..., Any],
+    wxpay_settings: dict[str, Any],
 ) -> None:
-    for _ in range(40):
+    for _ in range(60):  # 15 s of work at least: the Ctrl-C comes long before the end
         make_order()
-    simulator.latency = 0.5
+    wxpay_settings["READ_TIMEOUT"] = 5.0  # every answer arrives in time
+    simulator.latency = 1.0
     sweep = start_in_terminal("--processes", "2", "--workers", "2", "--json")
     # Both sweeper processes are past their start (each claims with a token of its own): Ctrl-C in the terminal.
     wait_for(lambda: Order.objects.exclude(claim_token=None).values("claim_token").distinct().count() == 2,
@@ -204,18 +203,20 @@ def test_ctrl_c_under_processes_exits_130_with_every_process_summarised_and_no_t
     assert err.rstrip().splitlines()[-1] == (
         "CommandError: close_expired_orders was interrupted; the closes in flight were recorded")
     sent = len(simulator.requests)
-    assert sent < 40, "the processes kept claiming after Ctrl-C"
+    assert sent < 60, "the processes kept claiming after Ctrl-C"
     assert not CloseAttempt.objects.unfinished().exists()
     assert summary["by_action"] == {"closed": sent} == {"closed": CloseAttempt.objects.count()}
 
 
 def test_ctrl_c_is_never_forgiven_by_no_fail_on_error(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator, start_in_terminal: Callable[..., Any],
+    wxpay_settings: dict[str, Any],
 ) -> None:
-    for _ in range(20):
+    for _ in range(40):  # 20 s of work at least: the Ctrl-C comes long before the end
         make_order()
+    wxpay_settings["READ_TIMEOUT"] = 5.0  # every answer arrives in time
     simulator.inject(Fault.UNSIGNED, times=None)  # every answer untrusted: each order is put on hold (4)
-    simulator.latency = 0.5
+    simulator.latency = 1.0
     sweep = start_in_terminal("--workers", "2", "--json", "--no-fail-on-error")
     wait_for(lambda: Order.objects.filter(on_hold=True).exists(), timeout=30)
     os.killpg(sweep.pid, signal.SIGINT)
