@@ -208,13 +208,53 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     report.stopped_early = "; ".join(sorted({s["stopped_early"] for s in summaries if s.get("stopped_early")}))
     database_error = "; ".join(sorted({s["database_error"] for s in summaries if s.get("database_error")}))
     merged = {**summarise(report, dry_run=False, database_error=database_error), "processes": len(summaries)}
-    failed_children = [s for s in summaries if "by_action" not in s]
-    if failed_children:
-        if merged["exit_status"] not in (EXIT_DATABASE, EXIT_CONFIGURATION):  # the two that outrank a failure
-            merged["exit_status"] = EXIT_FAILED
-        merged["ok"] = False
-        merged["problems"] = "; ".join(filter(None, [merged["problems"], *(s["problems"] for s in failed_children)]))
+    # A process that printed no summary, could not use its settings or was interrupted adds its own problem.
+    unusual = [s for s in summaries if "by_action" not in s or s.get("configuration_errors") or s.get("interrupted")]
+    configuration_errors = {e["id"]: e for s in summaries for e in s.get("configuration_errors", [])}
+    if configuration_errors:
+        merged["configuration_errors"] = list(configuration_errors.values())
+    if any(s.get("interrupted") for s in summaries):
+        merged["interrupted"] = True
+    statuses = [merged["exit_status"], *(s.get("exit_status", EXIT_FAILED) for s in summaries)]
+    merged["exit_status"] = most_urgent(statuses)
+    merged["ok"] = merged["exit_status"] == 0
+    problems = [merged["problems"], *(s.get("problems", "") for s in unusual)]
+    merged["problems"] = "; ".join(dict.fromkeys(filter(None, problems)))  # each once, in order
     return merged
+
+
+# The exit statuses in the order they win when several apply (the command's docstring, the README's table).
+_PRECEDENCE = (EXIT_DATABASE, EXIT_CONFIGURATION, EXIT_FAILED, EXIT_ATTENTION, EXIT_UNREACHABLE, EXIT_USAGE,
+               EXIT_INTERRUPTED)
+
+
+def most_urgent(statuses: list[int]) -> int:
+    """The status that wins among several; one of no meaning here (a process killed by a signal) is a failure."""
+    known = [status if status in _PRECEDENCE or status == 0 else EXIT_FAILED for status in statuses]
+    return min(known, key=lambda status: _PRECEDENCE.index(status) if status else len(_PRECEDENCE), default=0)
+
+
+def unusable_settings_summary(errors: list[dict[str, str]], *, dry_run: bool) -> dict[str, Any]:
+    """The summary of a run that could not start because WXPAY_CLOSE is unusable: nothing claimed, nothing sent.
+
+    `errors` are the settings' error-level problems as {"id", "message", "hint"}; the id is "" for an
+    ImproperlyConfigured that is not about WXPAY_CLOSE.
+    """
+    ids = ", ".join(error["id"] for error in errors if error["id"])
+    problem = gettext("WXPAY_CLOSE is not usable (%(ids)s): nothing was sent") % {"ids": ids} if ids \
+        else gettext("the settings are not usable (%(error)s): nothing was sent") % {
+            "error": "; ".join(error["message"] for error in errors)}
+    return {**summarise(CloseReport().finish(), dry_run=dry_run), "configuration_errors": errors,
+            "exit_status": EXIT_CONFIGURATION, "ok": False, "problems": problem}
+
+
+def interrupted_summary(report: CloseReport, *, dry_run: bool) -> dict[str, Any]:
+    """The summary of a run stopped by Ctrl-C: what it did until then; interrupted (130) unless a worse status."""
+    summary = summarise(report.finish(), dry_run=dry_run)
+    status = most_urgent([summary["exit_status"], EXIT_INTERRUPTED])
+    problems = [summary["problems"], gettext("interrupted (Ctrl-C)")]
+    return {**summary, "interrupted": True, "exit_status": status, "ok": False,
+            "problems": pgettext("list separator", ", ").join(filter(None, problems))}
 
 
 def _completed(summary: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,19 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from django_wxpay_close.management.commands.close_expired_orders import parse_duration
-from django_wxpay_close.reports import EXIT_FAILED, CloseAction, CloseReport, merge_summaries, summarise
+from django_wxpay_close.reports import (
+    EXIT_ATTENTION,
+    EXIT_CONFIGURATION,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    CloseAction,
+    CloseReport,
+    interrupted_summary,
+    merge_summaries,
+    most_urgent,
+    summarise,
+    unusable_settings_summary,
+)
 from django_wxpay_close.models import Order, OrderState
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
@@ -94,8 +106,11 @@ def test_no_fail_on_error_exits_zero_despite_problems(make_order, wxpay_settings
 def test_broken_settings_are_a_clear_command_error_and_nothing_is_sent(make_order, wxpay_settings, simulator):
     make_order()
     wxpay_settings["MERCHANTS"]["default"]["SIGN_TYPE"] = "SHA1"
-    with pytest.raises(CommandError, match="unknown sign type 'SHA1'"):
-        run()
+    errors = StringIO()
+    with pytest.raises(CommandError, match=r"WXPAY_CLOSE is not usable \(django_wxpay_close.E006\): nothing was sent"):
+        call_command("close_expired_orders", stdout=StringIO(), stderr=errors)
+    assert errors.getvalue().startswith("django_wxpay_close.E006: WXPAY_CLOSE['MERCHANTS']['default']['SIGN_TYPE']: "
+                                        "unknown sign type 'SHA1'")
     assert simulator.requests == []
 
 
@@ -110,10 +125,10 @@ def test_each_kind_of_problem_has_an_exit_status_of_its_own(make_order, wxpay_se
     assert (on_hold.value.returncode, misconfigured.value.returncode) == (4, 3)
 
 
-@pytest.mark.parametrize("flag", ["--workers", "--processes"])
-def test_workers_and_processes_beyond_their_maximum_are_a_clear_error(make_order, simulator, flag):
+@pytest.mark.parametrize("flag, maximum", [("--workers", 64), ("--processes", 32)])
+def test_workers_and_processes_beyond_their_maximum_are_a_clear_error(make_order, simulator, flag, maximum):
     make_order()
-    with pytest.raises(CommandError, match=f"argument {flag}: invalid a whole number from 1 to"):
+    with pytest.raises(CommandError, match=f"argument {flag}: '200000' is not a whole number from 1 to {maximum}$"):
         run(flag, "200000")
     assert simulator.requests == []
 
@@ -135,6 +150,34 @@ def test_a_sweeper_process_that_printed_no_summary_fails_the_run_though_another_
     merged = merge_summaries([summarise(held.finish(), dry_run=False), crashed])
     assert (merged["exit_status"], merged["ok"], merged["total"], merged["processes"]) == (EXIT_FAILED, False, 2, 2)
     assert merged["problems"] == "2 need attention; a sweeper process exited with status -9"
+
+
+def test_a_sweeper_process_that_could_not_use_its_settings_makes_the_merged_run_a_configuration_error():
+    closed = CloseReport()
+    closed.by_action[CloseAction.CLOSED] = 3
+    closed.by_merchant[("default", CloseAction.CLOSED)] = 3
+    error = {"id": "django_wxpay_close.E005", "message": "WXPAY_CLOSE['MERCHANTS']['default']['API_KEY'] ...",
+             "hint": ""}
+    unusable = unusable_settings_summary([error], dry_run=False)
+    merged = merge_summaries([summarise(closed.finish(), dry_run=False), unusable, unusable])
+    assert (merged["exit_status"], merged["ok"], merged["total"]) == (EXIT_CONFIGURATION, False, 3)
+    assert merged["configuration_errors"] == [error]
+    assert merged["problems"] == "WXPAY_CLOSE is not usable (django_wxpay_close.E005): nothing was sent"
+
+
+def test_interrupted_sweeper_processes_make_the_merged_run_interrupted_unless_something_worse_happened():
+    held = CloseReport()
+    held.by_action[CloseAction.PUT_ON_HOLD] = 1
+    interrupted = interrupted_summary(CloseReport(), dry_run=False)
+    assert interrupted["exit_status"] == EXIT_INTERRUPTED
+    assert merge_summaries([interrupted, interrupted])["exit_status"] == EXIT_INTERRUPTED
+    assert merge_summaries([interrupted, summarise(held.finish(), dry_run=False)])["exit_status"] == EXIT_ATTENTION
+
+
+@pytest.mark.parametrize("statuses, winner", [
+    ([0, 4, 6], 4), ([130, 1], 1), ([3, 5], 5), ([0, 0], 0), ([-9, 4], 1), ([], 0), ([130, 0], 130)])
+def test_the_most_urgent_exit_status_wins_in_the_readmes_order(statuses, winner):
+    assert most_urgent(statuses) == winner
 
 
 def test_dry_run_lists_each_due_order(make_order, simulator):
