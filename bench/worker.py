@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 
-TASKS = ("client", "pool", "profile", "reference", "service", "seed", "sweep")
+TASKS = ("client", "pool", "profile", "reference", "scale", "service", "seed", "sweep")
 
 
 def main(argv: list[str]) -> int:
