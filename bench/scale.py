@@ -10,10 +10,10 @@ close attempts on average (a retried SYSTEMERROR now and then), paid orders have
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,7 +37,7 @@ class Size:
 
 
 FULL_SIZE = Size(terminal_orders=5_000_000, open_orders=100_000, attempts=10_000_000, notifications=2_000_000)
-QUICK_SIZE = Size(terminal_orders=50_000, open_orders=1_000, attempts=100_000, notifications=20_000)
+QUICK_SIZE = Size(terminal_orders=20_000, open_orders=1_000, attempts=40_000, notifications=8_000)
 
 
 @contextmanager

@@ -28,4 +28,5 @@ TEMPLATES = [{
                                        "django.contrib.messages.context_processors.messages"]},
 }]
 _MERCHANT = WXPAY_CLOSE["MERCHANTS"]["default"]
-WXPAY_CLOSE = {**WXPAY_CLOSE, "MERCHANTS": {name: {**_MERCHANT, "MCH_ID": mch_id} for name, mch_id in MERCHANTS.items()}}
+WXPAY_CLOSE = {**WXPAY_CLOSE,
+               "MERCHANTS": {name: {**_MERCHANT, "MCH_ID": mch_id} for name, mch_id in MERCHANTS.items()}}

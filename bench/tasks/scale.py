@@ -17,7 +17,7 @@ from ..scale import FULL_SIZE, QUICK_SIZE, Size, seed_history
 WARM_BUDGET_S = 0.300
 COLD_BUDGET_S = 1.0
 WARM_REPEATS = 3
-SCRATCH_ROWS = 200_000  # rows copied into each write-cost table, so its indexes have a realistic depth
+SCRATCH_ROWS = 200_000  # rows copied into each write-cost table, so its indexes have a realistic depth (full size)
 
 
 def run(*, quick: bool, **_unused: Any) -> dict[str, Any]:
@@ -31,8 +31,13 @@ def run(*, quick: bool, **_unused: Any) -> dict[str, Any]:
     seed_steps = seed_history(connection, size)
     result: dict[str, Any] = {"size": size.__dict__, "seed_seconds": time.perf_counter() - began,
                               "seed_steps": seed_steps, "table_mb": _table_sizes(connection)}
+    began = time.perf_counter()
     result["pages"] = _time_pages(size)
-    result["write_cost"] = _write_cost(connection, rows=2_000 if quick else 20_000, repeats=3)
+    result["pages_seconds"] = time.perf_counter() - began
+    began = time.perf_counter()
+    result["write_cost"] = _write_cost(connection, rows=500 if quick else 20_000, repeats=3,
+                                       scratch_rows=20_000 if quick else SCRATCH_ROWS)
+    result["write_cost_seconds"] = time.perf_counter() - began
     return result
 
 
@@ -128,8 +133,8 @@ def _time_pages(size: Size) -> list[dict[str, Any]]:
                 raise RuntimeError(f"{url} answered {response.status_code}")
             counts.append(len(recorder.queries))
         warm = statistics.median(timings[1:])
-        page: dict[str, Any] = {"page": name, "url": url, "cold_s": timings[0], "warm_s": warm, "warm_all_s": timings[1:],
-                                "queries": counts[-1], "queries_cold": counts[0],
+        page: dict[str, Any] = {"page": name, "url": url, "cold_s": timings[0], "warm_s": warm,
+                                "warm_all_s": timings[1:], "queries": counts[-1], "queries_cold": counts[0],
                                 "slowest_query_s": max(seconds for _sql, _params, seconds in recorder.queries)}
         if warm > WARM_BUDGET_S or timings[0] > COLD_BUDGET_S:
             page["explain"] = _explain_slowest(connection, recorder.queries)
@@ -149,7 +154,8 @@ def _explain_slowest(connection: Any, queries: list[tuple[str, Any, float]], cou
 # -- what the admin's indexes cost a close ------------------------------------------------------------------------
 
 ADMIN_INDEXES = {
-    "django_wxpay_close_order": ("wxpay_order_created_idx", "wxpay_order_out_trade_no_idx", "wxpay_order_attention_idx"),
+    "django_wxpay_close_order": ("wxpay_order_created_idx", "wxpay_order_out_trade_no_idx",
+                                 "wxpay_order_attention_idx"),
     "django_wxpay_close_closeattempt": ("wxpay_attempt_started_idx", "wxpay_attempt_out_trade_no_idx",
                                         "wxpay_attempt_err_code_idx", "wxpay_attempt_trigger_idx"),
 }
@@ -160,13 +166,13 @@ def _shape(definition: str) -> str:
     return re.sub(r"^CREATE (UNIQUE )?INDEX \S+ ON \S+ ", r"CREATE \1INDEX ON ", definition)
 
 
-def _scratch(cursor: Any, table: str, *, with_admin_indexes: bool, rows_sql: str) -> str:
-    """A copy of `table` (columns, defaults, constraints, indexes) holding `rows_sql`'s rows, with or without the
-    admin's indexes."""
+def _scratch(cursor: Any, table: str, *, with_admin_indexes: bool, rows: int) -> str:
+    """A copy of `table` (columns, defaults, constraints, indexes) holding its newest `rows` rows, with or without
+    the admin's indexes."""
     scratch = f"bench_scratch_{table}"
     cursor.execute(f"DROP TABLE IF EXISTS {scratch}")
     cursor.execute(f"CREATE TABLE {scratch} (LIKE {table} INCLUDING ALL)")
-    cursor.execute(f"INSERT INTO {scratch} {rows_sql}")
+    cursor.execute(f"INSERT INTO {scratch} SELECT * FROM {table} ORDER BY id DESC LIMIT {rows}")
     cursor.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s AND indexname = ANY(%s)",
                    [table, list(ADMIN_INDEXES[table])])
     admin_shapes = {_shape(row[0]) for row in cursor.fetchall()}
@@ -180,12 +186,11 @@ def _scratch(cursor: Any, table: str, *, with_admin_indexes: bool, rows_sql: str
     return scratch
 
 
-def _attempt_writes(cursor: Any, rows: int, *, with_admin_indexes: bool) -> float:
+def _attempt_writes(cursor: Any, rows: int, *, with_admin_indexes: bool, scratch_rows: int) -> float:
     """Seconds for `rows` closes' audit writes: INSERT the attempt row, then complete it (UPDATE its outcome),
     one statement at a time, in a server-side loop (no client round trips in the figure)."""
     table = "django_wxpay_close_closeattempt"
-    scratch = _scratch(cursor, table, with_admin_indexes=with_admin_indexes,
-                       rows_sql=f"SELECT * FROM {table} ORDER BY id DESC LIMIT {SCRATCH_ROWS}")
+    scratch = _scratch(cursor, table, with_admin_indexes=with_admin_indexes, rows=scratch_rows)
     cursor.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s AND column_name <> 'id' "
                    "ORDER BY ordinal_position", [table])
     columns = [row[0] for row in cursor.fetchall()]
@@ -205,11 +210,10 @@ def _attempt_writes(cursor: Any, rows: int, *, with_admin_indexes: bool) -> floa
     return seconds
 
 
-def _order_writes(cursor: Any, rows: int, *, with_admin_indexes: bool) -> float:
+def _order_writes(cursor: Any, rows: int, *, with_admin_indexes: bool, scratch_rows: int) -> float:
     """Seconds for `rows` closes' order writes: the state change UPDATE of an open order, one at a time."""
     table = "django_wxpay_close_order"
-    scratch = _scratch(cursor, table, with_admin_indexes=with_admin_indexes,
-                       rows_sql=f"SELECT * FROM {table} ORDER BY id DESC LIMIT {SCRATCH_ROWS}")
+    scratch = _scratch(cursor, table, with_admin_indexes=with_admin_indexes, rows=scratch_rows)
     began = time.perf_counter()
     cursor.execute(f"""DO $$ DECLARE open_id bigint; BEGIN
         FOR open_id IN SELECT id FROM {scratch} WHERE state = 'open' ORDER BY id LIMIT {rows} LOOP
@@ -222,7 +226,7 @@ def _order_writes(cursor: Any, rows: int, *, with_admin_indexes: bool) -> float:
     return seconds
 
 
-def _write_cost(connection: Any, *, rows: int, repeats: int) -> dict[str, Any]:
+def _write_cost(connection: Any, *, rows: int, repeats: int, scratch_rows: int) -> dict[str, Any]:
     """Rows/s of a close's writes with and without the admin's indexes, alternated `repeats` times."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM django_wxpay_close_order WHERE state = 'open'")
@@ -232,10 +236,11 @@ def _write_cost(connection: Any, *, rows: int, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             for side, with_indexes in (("without", False), ("with", True)):
                 measured["attempt insert and completion"][side].append(
-                    rows / _attempt_writes(cursor, rows, with_admin_indexes=with_indexes))
+                    rows / _attempt_writes(cursor, rows, with_admin_indexes=with_indexes, scratch_rows=scratch_rows))
                 measured["order state change"][side].append(
-                    order_rows / _order_writes(cursor, order_rows, with_admin_indexes=with_indexes))
-    out: dict[str, Any] = {"rows": rows, "order_rows": order_rows}
+                    order_rows / _order_writes(cursor, order_rows, with_admin_indexes=with_indexes,
+                                              scratch_rows=scratch_rows))
+    out: dict[str, Any] = {"rows": rows, "order_rows": order_rows, "scratch_rows": scratch_rows}
     for write, sides in measured.items():
         without, with_ = statistics.median(sides["without"]), statistics.median(sides["with"])
         out[write] = {"rows_per_s_without": without, "rows_per_s_with": with_,
