@@ -28,6 +28,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext, pgettext, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
 
+from .admin_text import translated_detail
 from .changelists import ErrCodeFilter, LargeTableAdmin, MerchantFilter, NeedsAttentionFilter
 from .conf import CloseSettings, load_settings
 from .models import OUTCOME_LABELS, CloseAttempt, Order, OrderState, PaymentNotification, Trigger
@@ -218,15 +219,16 @@ class OverdueFilter(admin.SimpleListFilter):
         return queryset
 
 
-def _xml_details(attempt: CloseAttempt) -> SafeString:
-    """Both bodies exactly as stored, behind a disclosure, so the trail stays one line per exchange until someone
-    looks; the pretty-printed view is on the exchange's own page."""
-    response = _exact(attempt.response_body) if attempt.response_body else gettext("(no response body)")
-    return format_html(
-        '<details class="wxpay-xml"><summary>XML</summary><p>{}</p>{}<p>{}</p>{}</details>',
-        gettext("Request (exact bytes sent; the key is never part of it):"), _exact(attempt.request_xml),
-        gettext("Response (as received):"), response,
-    )
+def _exchange(attempt: CloseAttempt) -> dict[str, Any]:
+    """One exchange's XML for the order page's full-width section: the exact bodies, and their pretty-printed
+    views where indenting changes something."""
+    def pretty(text: str) -> str:
+        indented = pretty_xml(text) if text else ""
+        return indented if indented != text else ""
+
+    return {"pk": attempt.pk, "summary": attempt_title(attempt), "request": attempt.request_xml,
+            "request_pretty": pretty(attempt.request_xml), "response": attempt.response_body,
+            "response_pretty": pretty(attempt.response_body)}
 
 
 class ReadOnly:
@@ -284,7 +286,8 @@ class CloseAttemptInline(AuditInline):
 
     @admin.display(description=_("request / response"))
     def xml(self, attempt: CloseAttempt) -> str:
-        return _xml_details(attempt)
+        # The XML is read full width, pretty-printed, in the section under the trail: a link to its entry.
+        return format_html('<a href="#xml-{}" class="wxpay-xml-link">XML ↓</a>', attempt.pk)
 
 
 class PaymentNotificationInline(AuditInline):
@@ -293,10 +296,15 @@ class PaymentNotificationInline(AuditInline):
     model = PaymentNotification
     verbose_name = _("payment notification")
     verbose_name_plural = _("Payment notifications (newest first)")
-    readonly_fields = ("received", "verdict", "signature_verified", "transaction_id", "total_fee", "fee_type", "detail")
+    readonly_fields = ("received", "verdict", "signature_verified", "transaction_id", "total_fee", "fee_type",
+                       "detail_text")
     fields = readonly_fields
     ordering = ["-received_at", "-id"]
     received = _moment("received_at", _("received"), link=True)
+
+    @admin.display(description=_("detail"))
+    def detail_text(self, notification: PaymentNotification) -> str:
+        return translated_detail(notification.detail) or "—"
 
 
 def outcome_badge(attempt: CloseAttempt) -> str:
@@ -309,6 +317,16 @@ def outcome_badge(attempt: CloseAttempt) -> str:
     colour = "#2e7d32" if outcome.order_is_closed or outcome is Outcome.PAID else (
         "#b26a00" if outcome.is_retryable else "#c62828")
     return format_html('<strong style="color:{}">{}</strong>', colour, OUTCOME_LABELS[outcome])
+
+
+def attempt_title(attempt: CloseAttempt) -> str:
+    """The attempt's page title: its status in words of the reader's language, not the stored code."""
+    if attempt.outcome:
+        status = _outcome_label(attempt.outcome)
+    else:
+        status = gettext("no answer") if attempt.has_no_answer else gettext("unfinished")
+    return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
+        "out_trade_no": attempt.out_trade_no, "started": _when(attempt.started_at), "status": status}
 
 
 def _settings_or_none() -> CloseSettings | None:
@@ -427,6 +445,13 @@ class OrderAdmin(AppAdmin):
         short = text if len(text) <= 40 else text[:39] + "…"
         return format_html('<span title="{}">{}</span>', text, short)
 
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        order = self.get_object(request, object_id)
+        exchanges = [_exchange(attempt) for attempt in order.close_attempts.order_by("-started_at", "-id")] \
+            if order else []
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "exchanges": exchanges})
+
     @transaction.non_atomic_requests
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         # The close action sends requests; with ATOMIC_REQUESTS a rollback would erase their audit rows.
@@ -501,8 +526,10 @@ class OrderAdmin(AppAdmin):
 class CloseAttemptAdmin(ReadOnly, AppAdmin):
     """The audit list: searchable and filterable; nobody can add, edit or delete a row."""
 
-    list_display = ["started", "out_trade_no", "merchant", "trigger", "actor", "outcome_badge", "err_code",
-                    "http_status", "signature_verified", "duration_ms"]
+    # Fits beside Django's sidebars at 1440 px in every language: the merchant under the order number, who sent it
+    # one column, the outcome with WeChat's err_code; whether the answer's signature verified is in the outcome
+    # ("untrusted response"), the rest on the attempt's page.
+    list_display = ["started", "order_number", "who", "outcome_and_code", "http_status", "duration_ms"]
     # No signature_verified filter (no index would serve its rare False): the outcome "untrusted response" is
     # exactly the answers whose signature did not verify.
     list_filter = ["outcome", ErrCodeFilter, MerchantFilter, "trigger", "started_at"]
@@ -518,6 +545,27 @@ class CloseAttemptAdmin(ReadOnly, AppAdmin):
 
     started = _moment("started_at", _("started at"))
     completed = _moment("completed_at", _("completed at"))
+
+    @admin.display(description=_("out_trade_no"), ordering="out_trade_no")
+    def order_number(self, attempt: CloseAttempt) -> str:
+        return format_html('<span class="wxpay-nowrap">{}</span><br><span class="wxpay-merchant">{}</span>',
+                           attempt.out_trade_no, attempt.merchant)
+
+    @admin.display(description=_("trigger"), ordering="trigger")
+    def who(self, attempt: CloseAttempt) -> str:
+        return _who(attempt)
+
+    @admin.display(description=_("outcome"), ordering="outcome")
+    def outcome_and_code(self, attempt: CloseAttempt) -> str:
+        if not attempt.err_code:
+            return outcome_badge(attempt)
+        return format_html('{}<br><span class="wxpay-code">{}</span>', outcome_badge(attempt), attempt.err_code)
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        attempt = self.get_object(request, object_id)
+        return super().change_view(request, object_id, form_url, {
+            **(extra_context or {}), "subtitle": attempt_title(attempt) if attempt else None})
 
     @admin.display(description=_("outcome"), ordering="outcome")
     def outcome_badge(self, attempt: CloseAttempt) -> str:
@@ -548,19 +596,45 @@ class CloseAttemptAdmin(ReadOnly, AppAdmin):
 class PaymentNotificationAdmin(ReadOnly, AppAdmin):
     """Every payment notification received, believed or not; nobody can add, edit or delete a row."""
 
-    list_display = ["received", "out_trade_no", "verdict", "signature_verified", "mch_id", "sub_mch_id",
-                    "total_fee", "fee_type", "transaction_id"]
+    # Fits beside Django's sidebars at 1440 px in every language: mch_id under the order number, amount and
+    # currency one column; whether the signature verified is in the verdict, sub_mch_id on the page.
+    list_display = ["received", "order_number", "verdict", "fee", "transaction"]
     # No signature_verified filter (no index would serve it): the verdict "missing or wrong signature" is the
     # notifications whose signature did not verify.
     list_filter = ["verdict", "received_at"]
     search_fields = ["out_trade_no__exact", "transaction_id__exact"]
     search_help_text = _("An exact out_trade_no or transaction_id (letter case counts).")
     actions = None  # not even "delete selected": the audit trail is append-only
-    readonly_fields = ("received", "verdict", "detail", "order", "signature_verified", "mch_id", "sub_mch_id",
+    readonly_fields = ("received", "verdict", "detail_text", "order", "signature_verified", "mch_id", "sub_mch_id",
                        "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body", "body_pretty")
     fields = readonly_fields
 
     received = _moment("received_at", _("received at"))
+
+    @admin.display(description=_("detail"))
+    def detail_text(self, notification: PaymentNotification) -> str:
+        return translated_detail(notification.detail) or "—"
+
+    @admin.display(description=_("out_trade_no"), ordering="out_trade_no")
+    def order_number(self, notification: PaymentNotification) -> str:
+        return format_html('<span class="wxpay-nowrap">{}</span><br><span class="wxpay-merchant">{}</span>',
+                           notification.out_trade_no or "—", notification.mch_id)
+
+    @admin.display(description=_("total_fee"))
+    def fee(self, notification: PaymentNotification) -> str:
+        return " ".join(filter(None, (notification.total_fee, notification.fee_type))) or "—"
+
+    @admin.display(description=_("transaction_id"))
+    def transaction(self, notification: PaymentNotification) -> str:
+        return format_html('<span class="wxpay-code">{}</span>', notification.transaction_id or "—")
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        notification = self.get_object(request, object_id)
+        subtitle = gettext("notification %(out_trade_no)s at %(received)s: %(verdict)s") % {
+            "out_trade_no": notification.out_trade_no or "?", "received": _when(notification.received_at),
+            "verdict": notification.get_verdict_display()} if notification else None
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "subtitle": subtitle})
 
     @admin.display(description=_("body as received (it never holds the API key)"))
     def body(self, notification: PaymentNotification) -> str:
