@@ -52,8 +52,9 @@ class EstimatedCountPaginator(Paginator):  # type: ignore[type-arg]
     def count(self) -> int:
         if not isinstance(self.object_list, QuerySet):
             return super().count
-        # COUNT over a LIMIT-ed subquery: reads at most exact_up_to + 1 rows, through the list's own index.
-        bounded = self.object_list[: self.exact_up_to + 1].count()
+        # COUNT over a LIMIT-ed subquery: reads at most exact_up_to + 1 rows. Unordered, so that the database
+        # takes them from whichever index serves the filter, not in the list's order.
+        bounded = self.object_list.order_by()[: self.exact_up_to + 1].count()
         if bounded <= self.exact_up_to:
             return bounded
         estimate = planner_estimate(self.object_list)

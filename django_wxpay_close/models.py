@@ -138,6 +138,9 @@ class Order(models.Model):
             # The admin's exact search by out_trade_no alone (the unique constraint leads with mch_id, so it
             # cannot serve it).
             models.Index(fields=["out_trade_no"], name="wxpay_order_out_trade_no_idx"),
+            # The admin's last-outcome filter, newest first, and its bounded count: without it a rare outcome
+            # (a client bug, an untrusted answer) would be found by reading every order.
+            models.Index(fields=["last_outcome", "created_at"], name="wxpay_order_outcome_idx"),
             # The admin's "needs attention" filter (selectors.orders_needing_attention), newest first; only the
             # few open orders on hold or refused for configuration are in it.
             models.Index(fields=["created_at", "id"], name="wxpay_order_attention_idx",

@@ -69,11 +69,13 @@ def _pages(size: Size) -> list[tuple[str, str]]:
         ("orders, needs attention", f"{orders}?attention=yes"),
         ("orders, merchant other", f"{orders}?merchant=other"),
         ("orders, last outcome not found", f"{orders}?last_outcome__exact=not_found"),
+        ("orders, last outcome untrusted response (rare)", f"{orders}?last_outcome__exact=untrusted_response"),
         ("orders, created in the past 7 days", f"{orders}?created_at__gte={_days_ago(7)}"),
         ("orders, search out_trade_no", f"{orders}?q={number}"),
         ("one order", f"{orders}{size.terminal_orders // 2 + 3}/change/"),
         ("close attempts", attempts),
         ("close attempts, outcome retryable error", f"{attempts}?outcome__exact=retryable_error"),
+        ("close attempts, outcome client bug (none)", f"{attempts}?outcome__exact=client_bug"),
         ("close attempts, err_code SYSTEMERROR", f"{attempts}?err_code=SYSTEMERROR"),
         ("close attempts, err_code SIGNERROR (none)", f"{attempts}?err_code=SIGNERROR"),
         ("close attempts, trigger admin", f"{attempts}?trigger__exact=admin"),
@@ -155,7 +157,7 @@ def _explain_slowest(connection: Any, queries: list[tuple[str, Any, float]], cou
 
 ADMIN_INDEXES = {
     "django_wxpay_close_order": ("wxpay_order_created_idx", "wxpay_order_out_trade_no_idx",
-                                 "wxpay_order_attention_idx"),
+                                 "wxpay_order_outcome_idx", "wxpay_order_attention_idx"),
     "django_wxpay_close_closeattempt": ("wxpay_attempt_started_idx", "wxpay_attempt_out_trade_no_idx",
                                         "wxpay_attempt_err_code_idx", "wxpay_attempt_trigger_idx"),
 }

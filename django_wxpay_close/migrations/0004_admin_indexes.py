@@ -41,6 +41,10 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='order',
+            index=models.Index(fields=['last_outcome', 'created_at'], name='wxpay_order_outcome_idx'),
+        ),
+        migrations.AddIndex(
+            model_name='order',
             index=models.Index(condition=models.Q(('state', 'open'), models.Q(('on_hold', True), ('last_outcome', 'configuration_error'), _connector='OR')), fields=['created_at', 'id'], name='wxpay_order_attention_idx'),
         ),
         migrations.AddIndex(
