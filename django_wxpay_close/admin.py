@@ -246,8 +246,8 @@ class ReadOnly:
 
 class AppAdmin(LargeTableAdmin):
     """The app's look: its stylesheet, and "—" for an empty value (Django's "-" beside the "—" of the app's own
-    columns would be two signs for one thing). Searches are exact and case-sensitive (`__exact`, not Django's
-    `=` that compares UPPER() of both sides), so the column's index serves them; there is no prefix search,
+    columns would be two signs for one thing). Searches are exact (`__exact`, not Django's `=` that compares
+    UPPER() of both sides on PostgreSQL), so the column's index serves them; there is no prefix search,
     which no index serves on every database."""
 
     empty_value_display = "—"
@@ -363,7 +363,7 @@ class OrderAdmin(AppAdmin):
     # "Needs attention" lists the open orders on hold; no on_hold filter, which no index would serve.
     list_filter = ["state", MerchantFilter, OverdueFilter, NeedsAttentionFilter, "last_outcome", "created_at"]
     search_fields = ["out_trade_no__exact"]
-    search_help_text = _("An exact out_trade_no (letter case counts).")
+    search_help_text = _("The whole out_trade_no (no partial match).")
     actions = ["close_selected_orders", "lift_hold"]
     inlines = [CloseAttemptInline, PaymentNotificationInline]
     fieldsets = [
@@ -534,7 +534,7 @@ class CloseAttemptAdmin(ReadOnly, AppAdmin):
     # exactly the answers whose signature did not verify.
     list_filter = ["outcome", ErrCodeFilter, MerchantFilter, "trigger", "started_at"]
     search_fields = ["out_trade_no__exact"]
-    search_help_text = _("An exact out_trade_no (letter case counts).")
+    search_help_text = _("The whole out_trade_no (no partial match).")
     actions = None  # not even "delete selected": the audit trail is append-only
     readonly_fields = ("order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
                        "failed_over_from", "sign_type", "started", "completed", "duration_ms", "outcome_badge",
@@ -603,7 +603,7 @@ class PaymentNotificationAdmin(ReadOnly, AppAdmin):
     # notifications whose signature did not verify.
     list_filter = ["verdict", "received_at"]
     search_fields = ["out_trade_no__exact", "transaction_id__exact"]
-    search_help_text = _("An exact out_trade_no or transaction_id (letter case counts).")
+    search_help_text = _("The whole out_trade_no or transaction_id (no partial match).")
     actions = None  # not even "delete selected": the audit trail is append-only
     readonly_fields = ("received", "verdict", "detail_text", "order", "signature_verified", "mch_id", "sub_mch_id",
                        "out_trade_no", "transaction_id", "total_fee", "fee_type", "result_code", "body", "body_pretty")

@@ -468,23 +468,21 @@ def notification(out_trade_no: str, transaction_id: str) -> PaymentNotification:
                                               verdict=NotificationVerdict.UNKNOWN_ORDER)
 
 
-def test_the_order_search_matches_the_exact_out_trade_no_with_its_letter_case(admin_client, make_order):
+def test_the_order_search_matches_the_exact_out_trade_no(admin_client, make_order):
     make_order("Abc-1")
-    make_order("ABC-1")
     make_order("Abc-10")
 
     assert listed_numbers(admin_client, CHANGELIST, "q=Abc-1") == ["Abc-1"]
-    assert listed_numbers(admin_client, CHANGELIST, "q=abc-1") == []
     assert listed_numbers(admin_client, CHANGELIST, "q=Abc") == []  # no prefix search: no index serves one
 
 
 def test_the_audit_list_search_matches_the_exact_out_trade_no(admin_client, make_order):
-    for number in ("Abc-1", "abc-1"):
+    for number in ("Abc-1", "Abc-10"):
         close_order(make_order(number))
     url_name = "admin:django_wxpay_close_closeattempt_changelist"
 
     assert listed_numbers(admin_client, url_name, "q=Abc-1") == ["Abc-1"]
-    assert listed_numbers(admin_client, url_name, "q=ABC-1") == []
+    assert listed_numbers(admin_client, url_name, "q=Abc") == []
 
 
 def test_a_notification_is_found_by_its_exact_out_trade_no_or_transaction_id(admin_client, db):
@@ -494,8 +492,19 @@ def test_a_notification_is_found_by_its_exact_out_trade_no_or_transaction_id(adm
 
     assert listed_numbers(admin_client, url_name, "q=ORDER-2") == ["ORDER-2"]
     assert listed_numbers(admin_client, url_name, "q=4200000001") == ["ORDER-1"]
-    assert listed_numbers(admin_client, url_name, "q=order-2") == []
     assert listed_numbers(admin_client, url_name, "q=420000000") == []
+
+
+def test_the_search_tells_letter_case_apart(admin_client, make_order):
+    if connection.vendor == "mysql":
+        pytest.skip("MariaDB and MySQL compare by the column's collation; the default *_ci ones ignore letter case")
+    close_order(make_order("Abc-1"))
+    notification("Abc-1", "42ABC")
+
+    for url_name in LISTS:
+        assert listed_numbers(admin_client, url_name, "q=Abc-1") == ["Abc-1"]
+        assert listed_numbers(admin_client, url_name, "q=ABC-1") == []
+    assert listed_numbers(admin_client, LISTS[2], "q=42abc") == []
 
 
 def test_the_merchant_filter_offers_the_configured_merchants_and_filters_by_them(admin_client, make_order):
@@ -579,8 +588,9 @@ def test_the_count_is_exact_up_to_the_paginators_limit(admin_client, make_order,
     assert "about" not in response.content.decode()
 
 
-@pytest.mark.postgres
 def test_beyond_the_limit_postgresql_shows_the_planners_estimate_as_about_n(admin_client, make_order, monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("only PostgreSQL estimates (scripts/test runs a PostgreSQL pass); the test below covers the others")
     monkeypatch.setattr(EstimatedCountPaginator, "exact_up_to", 3)
     for index in range(8):
         make_order(f"O-{index}")
