@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import dateformat, timezone
 
-from django_wxpay_close.admin import pretty_xml
+from django_wxpay_close.admin_display import pretty_xml
 from django_wxpay_close.changelists import CLOSEORDER_ERR_CODES, ErrCodeFilter, EstimatedCountPaginator, MerchantFilter
 from django_wxpay_close.models import (
     CloseAttempt,
