@@ -576,6 +576,17 @@ def test_a_list_runs_as_many_queries_for_many_rows_as_for_a_few(admin_client, ma
     assert queries_for_the_page() == few
 
 
+def test_the_search_bar_counts_a_search_but_offers_no_show_all_on_the_whole_list(admin_client, make_order):
+    make_order("ONE")
+    make_order("TWO")
+
+    whole = admin_client.get(reverse(CHANGELIST)).content.decode()
+    searched = admin_client.get(f"{reverse(CHANGELIST)}?q=ONE").content.decode()
+
+    assert "results (" not in whole and "result (" not in whole
+    assert "1 result (" in searched
+
+
 def test_the_count_is_exact_up_to_the_paginators_limit(admin_client, make_order, monkeypatch):
     monkeypatch.setattr(EstimatedCountPaginator, "exact_up_to", 5)
     for index in range(5):
