@@ -18,7 +18,7 @@ from .plan import FULL, QUICK
 from .settings import SQLITE_PATH
 from .simproc import simulator_process
 
-SECTIONS = ("client", "service", "profile", "sweep", "backoff", "ceiling", "processes", "memory", "flood")
+SECTIONS = ("client", "service", "profile", "sweep", "backoff", "ceiling", "processes", "memory", "flood", "scale")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float,
                         help="simulator latency in seconds for the sweep section (the process layouts keep theirs)")
     parser.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    parser.add_argument("--keep-scale-db", action="store_true",
+                        help="keep the scale section's seeded database (named in its output) instead of dropping it")
     parser.add_argument("--output", type=Path,
                         help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
     parser.add_argument("--plot", type=Path, help="write the throughput plot (PNG) here")
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> None:
             runs["ceiling"] = lambda: sections.ceiling(plan, postgres, instant)
             runs["processes"] = lambda: sections.sweeper_processes(plan, postgres, sims)
             runs["memory"] = lambda: sections.memory(plan, postgres, instant)
+            runs["scale"] = lambda: sections.admin_at_scale(args.quick, postgres_url, keep=args.keep_scale_db)
         for name in SECTIONS:
             if name in wanted and name in runs:
                 began = time.perf_counter()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import runner
+from . import runner, scale
 from .flood import flood  # noqa: F401  (the flood section lives in its own module)
 from .machine import BusyCores, DatabaseLoad, cpu_seconds
 from .plan import Plan
@@ -252,3 +252,13 @@ def memory(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any
                                 "rss_before_sweep_kib": run["rss_before_sweep_kib"], "seconds": run["wall_s"],
                                 "seed_seconds": seeded["seconds"]}
     return results
+
+
+def admin_at_scale(quick: bool, server_url: str, *, keep: bool) -> dict[str, Any]:
+    """Every admin page on years of history, in the section's own database (bench/scale.py); printed as it ends."""
+    name = f"{_database_name(Backend('postgresql', server_url)) or 'wxpay_bench'}_scale"
+    with scale.own_database(server_url, name, keep=keep) as url:
+        result = runner.run("scale", backend=Backend("postgresql", url), quick=quick)
+    result["database"] = name if keep else None
+    print(scale.render(result), flush=True)
+    return result

@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 
-TASKS = ("claim_plan", "client", "flood", "pool", "profile", "reference", "service", "seed", "sweep")
+TASKS = ("claim_plan", "client", "flood", "pool", "profile", "reference", "scale", "service", "seed", "sweep")
 
 
 def main(argv: list[str]) -> int:

@@ -136,6 +136,19 @@ class Order(models.Model):
             models.Index(fields=["due_at", "id"], condition=Q(state="open", on_hold=False),
                          name="wxpay_close_queue_idx"),
             models.Index(fields=["state", "merchant"], name="wxpay_close_state_idx"),
+            # The admin's order list, newest first (`-created_at`, then `-id` that the changelist adds), and its
+            # created_at date-range filter.
+            models.Index(fields=["created_at", "id"], name="wxpay_order_created_idx"),
+            # The admin's exact search by out_trade_no alone (the unique constraint leads with mch_id, so it
+            # cannot serve it).
+            models.Index(fields=["out_trade_no"], name="wxpay_order_out_trade_no_idx"),
+            # The admin's last-outcome filter, newest first, and its bounded count: without it a rare outcome
+            # (a client bug, an untrusted answer) would be found by reading every order.
+            models.Index(fields=["last_outcome", "created_at"], name="wxpay_order_outcome_idx"),
+            # The admin's "needs attention" filter (selectors.orders_needing_attention), newest first; only the
+            # few orders on hold, or open and refused for configuration, are in it.
+            models.Index(fields=["created_at", "id"], name="wxpay_order_attention_idx",
+                         condition=Q(on_hold=True) | Q(state="open", last_outcome="configuration_error")),
         ]
 
     def __str__(self) -> str:
@@ -259,7 +272,21 @@ class CloseAttempt(AppendOnly):
         ordering = ["-started_at", "-id"]
         verbose_name = _("close attempt")
         verbose_name_plural = _("close attempts")
-        indexes = [models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx")]
+        indexes = [
+            models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx"),
+            # The admin's audit list, newest first (Meta.ordering), and its started_at date-range filter.
+            models.Index(fields=["started_at", "id"], name="wxpay_attempt_started_idx"),
+            # The admin's exact search by out_trade_no.
+            models.Index(fields=["out_trade_no"], name="wxpay_attempt_out_trade_no_idx"),
+            # The admin's err_code filter, newest first. Partial: a successful close (no err_code) never enters
+            # it, and the completion that writes an err_code adds the row's only entry.
+            models.Index(fields=["err_code", "started_at"], name="wxpay_attempt_err_code_idx",
+                         condition=~Q(err_code="")),
+            # The admin's trigger filter for the rare manual closes (admin action, application code), newest
+            # first; the sweep's own rows (trigger "command") never enter it.
+            models.Index(fields=["trigger", "started_at"], name="wxpay_attempt_trigger_idx",
+                         condition=~Q(trigger="command")),
+        ]
 
     def __str__(self) -> str:
         status = self.outcome or (gettext("no answer") if self.has_no_answer else gettext("unfinished"))
@@ -387,7 +414,14 @@ class PaymentNotification(AppendOnly):
         ordering = ["-received_at", "-id"]
         verbose_name = _("payment notification")
         verbose_name_plural = _("payment notifications")
-        indexes = [models.Index(fields=["verdict", "received_at"], name="wxpay_notif_verdict_idx")]
+        indexes = [
+            models.Index(fields=["verdict", "received_at"], name="wxpay_notif_verdict_idx"),
+            # The admin's notification list, newest first (Meta.ordering), and its received_at date-range filter.
+            models.Index(fields=["received_at", "id"], name="wxpay_notif_received_idx"),
+            # The admin's exact search, by out_trade_no or by transaction_id.
+            models.Index(fields=["out_trade_no"], name="wxpay_notif_out_trade_no_idx"),
+            models.Index(fields=["transaction_id"], name="wxpay_notif_transaction_idx"),
+        ]
 
     def __str__(self) -> str:
         return gettext("notification %(out_trade_no)s at %(received)s: %(verdict)s") % {

@@ -22,7 +22,8 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from django_wxpay_close.models import Order, OrderState
+from django_wxpay_close.models import NotificationVerdict, Order, OrderState, PaymentNotification
+from django_wxpay_close.services import close_order
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 
@@ -140,7 +141,7 @@ def test_an_operator_closes_expired_orders_through_the_confirmation_page(page, l
     trail = page.locator(".inline-group", has_text="Audit trail (newest first)")
     assert trail.locator("tbody tr", has=page.locator("a[href*='/closeattempt/']")).count() == 2
     assert "Closed at " in page.locator(".wxpay-story").inner_text()
-    trail.locator("details summary").first.click()  # show the newest exchange's XML in the screenshot
+    page.locator("#exchanges details.wxpay-xml summary").first.click()  # the newest exchange's XML, in the screenshot
     page.evaluate("() => window.scrollTo(0, 0)")  # the sticky navigation sidebar at the top, where it belongs
     page.screenshot(path=str(screenshots / "order-page.png"), full_page=True)
     assert (screenshots / "order-page.png").stat().st_size > 10_000
@@ -195,8 +196,28 @@ def a_busy_order_list(make_order: Any, simulator: Any) -> Order:
 def open_order_page_with_xml(page: Any, base_url: str, order: Order) -> None:
     page.goto(f"{base_url}{CHANGELIST}{order.pk}/change/")
     page.wait_for_selector(".wxpay-story")
-    page.locator(".inline-group details.wxpay-xml summary").first.click()  # the newest exchange's XML
-    page.wait_for_selector(".inline-group details.wxpay-xml[open] pre.wxpay-exact")
+    page.locator(".inline-group a.wxpay-xml-link").first.click()  # the trail's link to the newest exchange's XML
+    page.locator("#exchanges details.wxpay-xml summary").first.click()
+    page.wait_for_selector("#exchanges details.wxpay-xml[open] pre.wxpay-exact")
+
+
+# Each list's page, and texts as long as its columns get: 32-character order numbers, WeChat's longest err_code,
+# 32-digit transaction ids.
+LISTS = {"orders": CHANGELIST, "close attempts": "/admin/django_wxpay_close/closeattempt/",
+         "payment notifications": "/admin/django_wxpay_close/paymentnotification/"}
+
+
+def long_audit_rows(make_order: Any, simulator: Any) -> None:
+    for index, fault in enumerate((Fault.SYSTEMERROR, Fault.REQUIRE_POST_METHOD, Fault.XML_FORMAT_ERROR)):
+        number = f"2026050112345678901234567890AB{index:02d}"
+        order = make_order(number)
+        simulator.inject(fault, out_trade_no=number)
+        close_order(order)
+    for index, verdict in enumerate(NotificationVerdict):
+        PaymentNotification.objects.create(
+            out_trade_no=f"2026050112345678901234567890AB{index:02d}", transaction_id=f"{4200000000 + index:032d}",
+            mch_id="1900000109", sub_mch_id="1900000111", total_fee="123456789", fee_type="CNY", verdict=verdict,
+            signature_verified=verdict is not NotificationVerdict.BAD_SIGNATURE)
 
 
 @pytest.mark.parametrize("language", ["en", "zh-hans", "zh-hant"])
@@ -221,9 +242,29 @@ def test_the_order_list_and_an_order_page_fit_a_1440_px_screen(page, live_server
 
     open_order_page_with_xml(page, live_server.url, order)
     assert_fits(page, f"the order page with its XML open ({language})")
-    exact = page.locator(".inline-group details.wxpay-xml[open] pre.wxpay-exact").first.inner_text()
+    exact = page.locator("#exchanges details.wxpay-xml[open] pre.wxpay-exact").first.inner_text()
     assert exact == order.close_attempts.order_by("-started_at", "-id").first().request_xml  # byte for byte
     assert page.locator("a.closelink").count() == 1
     assert page.locator("a.closelink").inner_text().strip() != "Close"
+    # Readable: the pretty-printed request keeps its lines, in a box wider than a column of the trail.
+    pretty = page.locator("#exchanges details.wxpay-xml[open] pre.wxpay-pretty").first
+    assert pretty.inner_text().count("\n") >= 5
+    assert pretty.evaluate("element => element.parentElement.clientWidth") >= 450
     if language == "zh-hans":
         page.screenshot(path=str(screenshots / "order-page-zh-hans.png"), full_page=True)
+
+
+@pytest.mark.parametrize("language", ["en", "zh-hans", "zh-hant"])
+def test_every_list_fits_a_1440_px_screen(page, live_server, admin_user, make_order, simulator, language):
+    a_busy_order_list(make_order, simulator)
+    long_audit_rows(make_order, simulator)
+    page.context.set_extra_http_headers({"Accept-Language": language})
+    log_in(page, live_server.url)
+
+    for name, url in LISTS.items():
+        page.goto(f"{live_server.url}{url}")
+        page.wait_for_selector("#result_list")
+        assert_fits(page, f"the {name} list ({language})")
+        box = page.evaluate("() => { const box = document.querySelector('#changelist .results'); "
+                            "return [box.scrollWidth, box.clientWidth]; }")
+        assert box[0] <= box[1], f"the {name} list hides columns off its box's right edge ({language}): {box}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import gettext
+import html
 import re
 from dataclasses import dataclass
 from io import StringIO
@@ -15,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from django.utils import translation
 
 import django_wxpay_close
-from django_wxpay_close.models import Order
+from django_wxpay_close.admin_text import DETAIL_PARTS, translated_detail
+from django_wxpay_close.models import OUTCOME_LABELS, Order, PaymentNotification
+from django_wxpay_close.wechat import Outcome
 
 from .conftest import closed_at_the_second_try
 
@@ -107,6 +111,73 @@ def test_the_command_prints_in_the_active_language(make_order, language):
         call_command("close_expired_orders", "--dry-run", "--progress", "none", stdout=out)
 
     assert out.getvalue().splitlines()[-1] == EXPECTED[language]["dry_run"]
+
+
+# -- what the admin shows that was stored in English or as codes ---------------------------------------------
+
+DETAIL_WORDS = {"zh-hans": "验证 sign 不通过", "zh-hant": "驗證 sign 不通過"}
+
+
+@pytest.fixture
+def notify_url(live_server: Any, wxpay_settings: dict[str, Any]) -> str:
+    return f"{live_server.url}{reverse('django_wxpay_close:payment_notification')}"
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_a_notifications_stored_detail_is_shown_in_the_readers_language(admin_client, make_order, simulator,
+                                                                        notify_url, language):
+    make_order("PAY-1", amount=1000, currency="HKD")
+    simulator.notify(notify_url, "PAY-1", total_fee=1000, fee_type="HKD", tamper=True, claim_sign_type="MD5")
+    simulator.notify(notify_url, "PAY-1", total_fee=999, fee_type="HKD")
+    forged, short = PaymentNotification.objects.order_by("id")
+    assert "does not verify" in forged.detail and "amount is 1000" in short.detail  # stored in English
+
+    forged_page, short_page = (html.unescape(get(admin_client, reverse(
+        "admin:django_wxpay_close_paymentnotification_change", args=[row.pk]), language)) for row in (forged, short))
+    order_page = html.unescape(get(admin_client, reverse("admin:django_wxpay_close_order_change",
+                                                         args=[short.order_id]), language))
+
+    assert DETAIL_WORDS[language] in forged_page and "'MD5'" in forged_page  # the values as stored
+    assert "does not verify" not in forged_page and "never used to verify" not in forged_page
+    assert "1000" in short_page and "amount is" not in short_page and "not recorded as paid" not in short_page
+    assert "amount is" not in order_page  # the order page's notification inline
+
+
+def test_every_stored_detail_shape_is_in_both_catalogues():
+    for language in LANGUAGES:
+        with translation.override(language):
+            assert [shape for shape in DETAIL_PARTS if translation.gettext(shape) == shape] == []
+
+
+def test_a_detail_part_of_another_shape_is_shown_as_stored():
+    with translation.override("zh-hans"):
+        assert translated_detail("WXPAY_CLOSE is not set; already recorded") == "WXPAY_CLOSE is not set；已记录过"
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_an_attempts_page_title_names_its_outcome_in_words(admin_client, closed_after_a_retry, language):
+    attempt = closed_after_a_retry.close_attempts.order_by("-started_at", "-id").first()
+    with translation.override(language):
+        closed = str(OUTCOME_LABELS[Outcome.CLOSED])
+
+    page = get(admin_client, reverse("admin:django_wxpay_close_closeattempt_change", args=[attempt.pk]), language)
+    title = re.search(r"<title>(.*?)</title>", page, re.DOTALL).group(1)
+    breadcrumbs = re.search(r'<div class="breadcrumbs">(.*?)</div>', page, re.DOTALL).group(1)
+
+    assert closed in title and closed in breadcrumbs
+    assert "closed" not in title and "closed" not in breadcrumbs
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_the_confirmation_tables_headings_are_translated(admin_client, make_order, language):
+    order = make_order("LATE-1")
+
+    response = admin_client.post(reverse(CHANGELIST), {"action": "close_selected_orders",
+                                                       ACTION_CHECKBOX_NAME: [order.pk]},
+                                 HTTP_ACCEPT_LANGUAGE=language)
+
+    page = response.content.decode()
+    assert f"<th>{EXPECTED[language]['column']}</th>" in page and "<th>out_trade_no</th>" not in page
 
 
 # -- the catalogues ---------------------------------------------------------------------------------------------
