@@ -105,6 +105,10 @@ def render(results: dict[str, Any]) -> str:
         if claim := backoff.get("claim_plan"):
             out += [f"The claim's plan behind {backoff['waiting']} waiting orders (rows removed by filter: "
                     f"{claim['rows_removed_by_filter']}):", "", "```", claim["plan"], "```", ""]
+            for key, what in (("waiting_count_plan", "counting the orders that wait (capped)"),
+                              ("waiting_next_plan", "the next retry's time")):
+                if key in claim:
+                    out += [f"The summary's plan, {what}:", "", "```", claim[key], "```", ""]
     if ceiling := results.get("ceiling"):
         out += [f"### Ceiling: zero latency, {ceiling['workers']} workers, one process", ""]
         rows = [[name, _fig(r["closes_per_s"]), _fig(r["cores"], "{:.2f}"), *_cpu(r), _busy(r)]

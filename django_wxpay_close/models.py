@@ -135,6 +135,9 @@ class Order(models.Model):
             # The sweep's claim: open, not on hold, whose time has come, the earliest first. Only due rows are read.
             models.Index(fields=["due_at", "id"], condition=Q(state="open", on_hold=False),
                          name="wxpay_close_queue_idx"),
+            # The sweep's "N orders wait for a retry" summary: only the open orders that were tried and wait.
+            models.Index(fields=["due_at"], name="wxpay_close_retry_idx",
+                         condition=Q(state="open", on_hold=False, in_flight=False, attempt_count__gt=0)),
             models.Index(fields=["state", "merchant"], name="wxpay_close_state_idx"),
             # The admin's order list, newest first (`-created_at`, then `-id` that the changelist adds), and its
             # created_at date-range filter.

@@ -10,7 +10,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Count, Min, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.db.models.functions import Now
 from django.utils.translation import gettext_noop
 
@@ -71,14 +71,23 @@ def why_not_closable(order: Order, *, now: datetime, min_order_age: timedelta) -
     return None
 
 
-def orders_waiting_for_retry() -> dict[str, Any]:
-    """How many open orders that were tried wait for their retry time, and when the next one is due.
+# The waiting-for-retry summary counts this many at most, so that it costs the same after any outage.
+WAITING_COUNT_LIMIT = 10_000
 
-    Read from the queue index: the rows not yet due, of which those already tried (a retry waits) are counted.
-    """
-    waiting = Order.objects.using(write_database()).filter(
-        state=OrderState.OPEN, on_hold=False, due_at__gt=Now(), in_flight=False, attempt_count__gt=0)
-    return waiting.aggregate(count=Count("pk"), next_at=Min("due_at"))
+
+def orders_waiting() -> QuerySet[Order]:
+    """Open orders that were tried and wait for their retry time. Served by the retry index."""
+    return Order.objects.using(write_database()).filter(
+        state=OrderState.OPEN, on_hold=False, in_flight=False, attempt_count__gt=0, due_at__gt=Now())
+
+
+def orders_waiting_for_retry() -> dict[str, Any]:
+    """How many orders wait for a retry (`count`, at most WAITING_COUNT_LIMIT, with `more` set beyond it), and
+    when the next one is due (`next_at`)."""
+    waiting = orders_waiting()
+    count = waiting.order_by()[:WAITING_COUNT_LIMIT + 1].count()
+    next_at = waiting.order_by("due_at").values_list("due_at", flat=True).first()
+    return {"count": min(count, WAITING_COUNT_LIMIT), "more": count > WAITING_COUNT_LIMIT, "next_at": next_at}
 
 
 def orders_needing_attention() -> QuerySet[Order]:

@@ -27,6 +27,7 @@ from django_wxpay_close.reports import (
     unusable_settings_summary,
 )
 from django_wxpay_close.models import Order, OrderState
+from django_wxpay_close.selectors import WAITING_COUNT_LIMIT
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 
@@ -191,6 +192,14 @@ def test_nothing_to_do_says_how_many_orders_wait_for_a_retry(make_order, simulat
     waiting = make_order(due_at=timezone.now() + timedelta(minutes=3), attempt_count=1, retry_count=1)
     assert run().splitlines()[1] == (f"1 overdue order waits for a retry; the next is due at "
                                      f"{timezone.localtime(waiting.due_at):%Y-%m-%d %H:%M:%S %Z}.")
+
+
+def test_nothing_to_do_counts_the_orders_waiting_for_a_retry_only_up_to_a_bound(make_order, settings):
+    template = make_order(due_at=timezone.now() + timedelta(minutes=3), attempt_count=1, retry_count=1)
+    fields = {f.attname: getattr(template, f.attname) for f in Order._meta.concrete_fields if not f.primary_key}
+    Order.objects.bulk_create([Order(**{**fields, "out_trade_no": f"W{n:06d}"}) for n in range(WAITING_COUNT_LIMIT)])
+    assert run().splitlines()[1] == (f"More than {WAITING_COUNT_LIMIT} overdue orders wait for a retry; the next is "
+                                     f"due at {timezone.localtime(template.due_at):%Y-%m-%d %H:%M:%S %Z}.")
 
 
 @pytest.mark.parametrize("text, expected", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])

@@ -267,10 +267,13 @@ class Command(BaseCommand):
         if not actions:
             waiting = orders_waiting_for_retry()
             if waiting["count"]:
-                self.stdout.write(ngettext(
+                when = f"{waiting['next_at']:%Y-%m-%d %H:%M:%S %Z}".rstrip()
+                self.stdout.write(gettext(
+                    "More than %(count)d overdue orders wait for a retry; the next is due at %(when)s.",
+                ) % {"count": waiting["count"], "when": when} if waiting["more"] else ngettext(
                     "%(count)d overdue order waits for a retry; the next is due at %(when)s.",
                     "%(count)d overdue orders wait for a retry; the next is due at %(when)s.", waiting["count"],
-                ) % {"count": waiting["count"], "when": f"{waiting['next_at']:%Y-%m-%d %H:%M:%S %Z}".rstrip()})
+                ) % {"count": waiting["count"], "when": when})
             return
         # One row per outcome, one column per merchant, totals last: readable in a terminal and in a cron mail.
         # The rows are the actions' codes (as in --json); only the two headings are words.
