@@ -107,6 +107,7 @@ def _order_expressions(size: Size) -> dict[str, str]:
         "currency": "'CNY'",
         "created_at": _CREATED,
         "payment_deadline": f"({_CREATED} + interval '30 minutes')",
+        "due_at": f"({_CREATED} + interval '30 minutes')",  # an open order is due at its deadline
         "state": state,
         "state_changed_at": f"(CASE WHEN n > :terminal THEN NULL ELSE {_CREATED} + interval '31 minutes' END)",
         "closed_at": f"(CASE WHEN {state} = 'closed' THEN {_CREATED} + interval '31 minutes' END)",
@@ -287,6 +288,11 @@ def render(result: dict[str, Any]) -> str:
         figures = cost[write]
         out.append(f"| {write} | {figures['rows_per_s_without']:.0f} | {figures['rows_per_s_with']:.0f} "
                    f"| {figures['extra_us_per_row']:.1f} |")
+    if result.get("sweep_queries"):
+        out += ["", "| the sweep's query at this size | ms | buffers | rows removed by filter |",
+                "| --- | --- | --- | --- |"]
+        out += [f"| {q['query']} | {q['ms']} | {q['buffers']} | {q['rows_removed_by_filter']} |"
+                for q in result["sweep_queries"]]
     builds = {step: seconds for step, seconds in result["seed_steps"].items() if step.startswith("create index")}
     out += ["", "index builds (s): " + ", ".join(f"{step[13:]} {seconds:.1f}" for step, seconds in builds.items())]
     out += ["table and index sizes (MiB): " + ", ".join(f"{name} {sizes['table']:.0f} + {sizes['indexes']:.0f}"

@@ -34,6 +34,7 @@ def run(*, quick: bool, **_unused: Any) -> dict[str, Any]:
     began = time.perf_counter()
     result["pages"] = _time_pages(size)
     result["pages_seconds"] = time.perf_counter() - began
+    result["sweep_queries"] = _sweep_queries()
     began = time.perf_counter()
     result["write_cost"] = _write_cost(connection, rows=500 if quick else 20_000, repeats=3,
                                        scratch_rows=20_000 if quick else SCRATCH_ROWS)
@@ -249,3 +250,33 @@ def _write_cost(connection: Any, *, rows: int, repeats: int, scratch_rows: int) 
                       "all_without": sides["without"], "all_with": sides["with"],
                       "extra_us_per_row": (1 / with_ - 1 / without) * 1e6}
     return out
+
+
+def _sweep_queries() -> list[dict[str, Any]]:
+    """The sweep's own queries at this size, EXPLAIN ANALYZEd: the claim of a batch (as 32 workers take it), a
+    dry run's first chunk, and the two reads of the end-of-run "N orders wait for a retry" summary."""
+    import re
+
+    from django.db import transaction
+
+    from django_wxpay_close.conf import load_settings
+    from django_wxpay_close.selectors import WAITING_COUNT_LIMIT, orders_due_for_closing, orders_waiting
+
+    due = orders_due_for_closing(min_order_age=load_settings().min_order_age)
+    queries = {
+        "claim (64 orders, FOR UPDATE SKIP LOCKED)": due.select_for_update(skip_locked=True)[:64],
+        "dry run, first chunk of 100": due[:100],
+        "orders waiting for a retry, counted up to the bound": orders_waiting().order_by()[:WAITING_COUNT_LIMIT + 1],
+        "the next retry's time": orders_waiting().order_by("due_at")[:1],
+    }
+    plans = []
+    for name, queryset in queries.items():
+        with transaction.atomic():  # the claim's FOR UPDATE needs one; the others do not mind
+            plan = queryset.explain(analyze=True, buffers=True)
+        executed = re.search(r"Execution Time: ([0-9.]+) ms", plan)
+        buffers = re.search(r"Buffers: shared hit=(\d+)(?: read=(\d+))?", plan)
+        plans.append({"query": name, "ms": float(executed.group(1)) if executed else None,
+                      "buffers": sum(int(n) for n in buffers.groups() if n) if buffers else None,
+                      "rows_removed_by_filter": sum(int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)),
+                      "plan": plan})
+    return plans
