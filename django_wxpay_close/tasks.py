@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from .models import Order, Trigger
+from .models import Order, Trigger, write_database
 from .services import close_order, sweep_expired_orders
 
 __all__ = ["SweepProblems", "close_order_task", "sweep_expired_orders_task"]
@@ -57,7 +57,7 @@ class SweepProblems(RuntimeError):
 
 def _close_order(order_id: int) -> dict[str, Any]:
     """Close one order now (e.g. enqueued by the shop when a checkout is abandoned); skips it if not closable."""
-    order = Order.objects.get(pk=order_id)
+    order = Order.objects.using(write_database()).get(pk=order_id)
     result = close_order(order, trigger=Trigger.CODE)
     return {
         "order_id": result.order_id,

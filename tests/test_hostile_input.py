@@ -283,6 +283,22 @@ def test_a_signed_answer_with_a_non_2xx_status_never_changes_an_order(fuzzer: Fu
 # -- endless bodies over a real socket: memory and time stay bounded ------------------------------------------------
 
 
+def test_a_signed_success_that_also_says_orderpaid_changes_no_state_and_puts_the_order_on_hold(
+    wxpay_settings: dict[str, Any], make_order: Callable[..., Order],
+) -> None:
+    wxpay_settings.update(BASE_URL=FAKE_WECHAT)
+    order = make_order(remote=None)
+    contradictory = answer_fields("SUCCESS", {"err_code": "ORDERPAID", "err_code_des": "order paid"})
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as wechat:
+        wechat.add(responses.POST, FAKE_WECHAT + CLOSEORDER_PATH, body=to_xml(signed(contradictory)),
+                   content_type="text/xml")
+        result = close_order(order)
+    order.refresh_from_db()
+    assert result.action is CloseAction.PUT_ON_HOLD and "contradictory" in result.reason
+    assert order.state == OrderState.OPEN and order.on_hold and order.paid_at is None and order.closed_at is None
+    assert CloseAttempt.objects.get(order=order).outcome == Outcome.UNTRUSTED_RESPONSE
+
+
 def test_an_endless_body_is_cut_off_at_the_cap_in_bounded_memory(make_order: Callable[..., Order],
                                                                     wxpay_settings: dict[str, Any],
                                                                     reliability_figures: Callable[..., None]) -> None:
