@@ -235,8 +235,9 @@ class CloseAttempt(AppendOnly):
     """
 
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="close_attempts", verbose_name=_("order"))
+    # No index: nothing looks rows up by it (an order's trail lists its rows by order), and the audit table is large.
     late_answer_to = models.ForeignKey(
-        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="late_answers",
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="late_answers", db_index=False,
         verbose_name=_("late answer to"), help_text=_("The request this answer belongs to, when it came after that "
                                                        "request's row was settled as abandoned."))
     merchant = models.CharField(_("merchant"), max_length=64)

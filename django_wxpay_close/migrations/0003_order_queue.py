@@ -63,6 +63,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="closeattempt",
             name="late_answer_to",
-            field=models.ForeignKey(blank=True, help_text="The request this answer belongs to, when it came after that request's row was settled as abandoned.", null=True, on_delete=django.db.models.deletion.PROTECT, related_name="late_answers", to="django_wxpay_close.closeattempt", verbose_name="late answer to"),
+            field=models.ForeignKey(blank=True, db_index=False, help_text="The request this answer belongs to, when it came after that request's row was settled as abandoned.", null=True, on_delete=django.db.models.deletion.PROTECT, related_name="late_answers", to="django_wxpay_close.closeattempt", verbose_name="late answer to"),
         ),
     ]
