@@ -22,7 +22,7 @@ from .merchant import (
     check_id,
     validate_out_trade_no,
 )
-from .outcomes import Outcome, answer_failure
+from .outcomes import AnswerFields, Outcome, answer_failure
 from .query import ORDERQUERY_PATH, PreparedQuery, QueryResult, classify_query, failed_query
 from .signing import SignType, compute_signature, new_nonce, verify_signature
 from .transport import Answer, Transport
@@ -58,7 +58,7 @@ class PreparedClose:
 
 
 @dataclass(frozen=True)
-class CloseResult:
+class CloseResult(AnswerFields):
     """Everything one closeorder exchange produced; `outcome` is what it means (docs/protocol.md#outcomes)."""
 
     out_trade_no: str
@@ -74,26 +74,6 @@ class CloseResult:
     elapsed: float  # seconds, all URLs tried included
     failed_over_from: str | None = None  # the primary URL that refused the connection, if any
     api: str = "closeorder"
-
-    @property
-    def return_code(self) -> str:
-        return self.response_fields.get("return_code", "")
-
-    @property
-    def return_msg(self) -> str:
-        return self.response_fields.get("return_msg", "")
-
-    @property
-    def result_code(self) -> str:
-        return self.response_fields.get("result_code", "")
-
-    @property
-    def err_code(self) -> str:
-        return self.response_fields.get("err_code", "")
-
-    @property
-    def err_code_des(self) -> str:
-        return self.response_fields.get("err_code_des", "")
 
 
 @dataclass(frozen=True)

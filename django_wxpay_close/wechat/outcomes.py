@@ -6,7 +6,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import Enum
 
-__all__ = ["Outcome", "answer_failure", "classify_answer", "contradiction"]
+__all__ = ["AnswerFields", "Outcome", "answer_failure", "classify_answer", "contradiction"]
+
+
+class AnswerFields:
+    """The fields every WeChat answer may carry, read from its parsed `response_fields` ("" when absent)."""
+
+    response_fields: Mapping[str, str]
+
+    @property
+    def return_code(self) -> str:
+        return self.response_fields.get("return_code", "")
+
+    @property
+    def return_msg(self) -> str:
+        return self.response_fields.get("return_msg", "")
+
+    @property
+    def result_code(self) -> str:
+        return self.response_fields.get("result_code", "")
+
+    @property
+    def err_code(self) -> str:
+        return self.response_fields.get("err_code", "")
+
+    @property
+    def err_code_des(self) -> str:
+        return self.response_fields.get("err_code_des", "")
 
 
 class Outcome(str, Enum):

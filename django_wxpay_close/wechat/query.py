@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from .outcomes import Outcome, answer_failure
+from .outcomes import AnswerFields, Outcome, answer_failure
 from .signing import SignType
 
 __all__ = [
@@ -71,7 +71,7 @@ class PreparedQuery:
 
 
 @dataclass(frozen=True)
-class QueryResult:
+class QueryResult(AnswerFields):
     """Everything one orderquery exchange produced; `verdict` is what it means for the local order.
 
     `failure` is None when WeChat answered with a trustworthy trade_state; otherwise it is the `Outcome` a close
@@ -120,17 +120,6 @@ class QueryResult:
     def trade_state_desc(self) -> str:
         return self.response_fields.get("trade_state_desc", "")
 
-    @property
-    def return_code(self) -> str:
-        return self.response_fields.get("return_code", "")
-
-    @property
-    def result_code(self) -> str:
-        return self.response_fields.get("result_code", "")
-
-    @property
-    def err_code(self) -> str:
-        return self.response_fields.get("err_code", "")
 
 
 def _amount(value: str | None) -> int | None:
