@@ -257,6 +257,19 @@ def test_audit_rows_can_be_neither_edited_nor_deleted_and_protect_their_order(ma
     assert CloseAttempt.objects.get().reason == ""
 
 
+def test_completing_an_audit_row_takes_the_answer_only_never_the_request(make_order, simulator):
+    order = make_order()
+    simulator.latency = 0.0
+    attempt = CloseAttempt.objects.create(order=order, merchant=order.merchant, mch_id=order.mch_id,
+                                          sub_mch_id=order.sub_mch_id, out_trade_no=order.out_trade_no,
+                                          trigger=Trigger.CODE, url=simulator.base_url, sign_type="HMAC-SHA256",
+                                          request_xml="<xml>as sent</xml>")
+    with pytest.raises(AuditTrailError, match="request_xml"):
+        attempt.complete(request_xml="<xml>rewritten</xml>", reason="answered")
+    attempt = CloseAttempt.objects.get(pk=attempt.pk)
+    assert attempt.request_xml == "<xml>as sent</xml>" and not attempt.is_finished
+
+
 def test_the_api_key_is_stored_nowhere_in_the_audit_trail(make_order, simulator):
     orders = [make_order(), make_order(remote=RemoteState.PAID), make_order(remote=None)]
     simulator.inject(Fault.BAD_SIGNATURE, out_trade_no=orders[0].out_trade_no)
