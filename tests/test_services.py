@@ -259,7 +259,6 @@ def test_audit_rows_can_be_neither_edited_nor_deleted_and_protect_their_order(ma
 
 def test_completing_an_audit_row_takes_the_answer_only_never_the_request(make_order, simulator):
     order = make_order()
-    simulator.latency = 0.0
     attempt = CloseAttempt.objects.create(order=order, merchant=order.merchant, mch_id=order.mch_id,
                                           sub_mch_id=order.sub_mch_id, out_trade_no=order.out_trade_no,
                                           trigger=Trigger.CODE, url=simulator.base_url, sign_type="HMAC-SHA256",
