@@ -79,13 +79,14 @@ class Engine:
         self.judgement = Judgement()
         self.database_error = ""
         self.interrupted = False  # Ctrl-C: claim nothing more, send nothing more, record what is in flight
+        self.claiming_failed = ""  # a bug in claiming would repeat for every order: the run stops
         self.failed_claims: set[int] = set()  # orders whose claim cannot be written: not tried again this run
         self.report = CloseReport()
         self._unwritten: list[Verdict | Answer] = []
 
     @property
     def stopping(self) -> str:
-        if self.database_error or self.judgement.unreachable or self.interrupted:
+        if self.database_error or self.judgement.unreachable or self.interrupted or self.claiming_failed:
             return STOPPING
         return ""
 
@@ -422,7 +423,7 @@ class Engine:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         self.report.halted_merchants.update(self.judgement.halted)
-        self.report.stopped_early = self.judgement.unreachable
+        self.report.stopped_early = self.judgement.unreachable or self.claiming_failed
         self.report.finish()
         if self.database_error:
             raise DatabaseUnavailable(self.database_error, self.report)
@@ -435,6 +436,10 @@ class Engine:
             return next_batch(size)
         except DatabaseUnavailable as exc:
             self.database_error = self.database_error or str(exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - reported as the reason the run stopped early
+            logger.error("Claiming orders failed unexpectedly", exc_info=exc)
+            self.claiming_failed = f"claiming failed: {type(exc).__name__}: {exc}"
             return None
 
 
