@@ -19,11 +19,14 @@ erase audit rows of requests that really went out. They raise `TransactionManage
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from django.db import InterfaceError, OperationalError, connections, transaction
@@ -395,8 +398,8 @@ class Engine:
         exhausted = False
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wxpay-close")
         try:
-            while True:
-                try:
+            with self._first_ctrl_c_stops():
+                while True:
                     if not exhausted and not self.stopping and len(in_flight) < REFILL_BELOW * self.workers:
                         jobs = self._claimed(next_batch, MAX_UNFINISHED * self.workers - len(in_flight))
                         exhausted = jobs is None
@@ -411,15 +414,11 @@ class Engine:
                         self.take(future.result())
                         del in_flight[future]
                     self.write()
-                except KeyboardInterrupt:
-                    if self.interrupted:
-                        raise  # a second Ctrl-C: stop now; unfinished rows are settled by the next close
-                    self.interrupted = True
-            self.write()
-            try:
-                self.with_database(self.give_back_retries)
-            except DatabaseUnavailable as exc:
-                self.database_error = self.database_error or str(exc)
+                self.write()
+                try:
+                    self.with_database(self.give_back_retries)
+                except DatabaseUnavailable as exc:
+                    self.database_error = self.database_error or str(exc)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         self.report.halted_merchants.update(self.judgement.halted)
@@ -430,6 +429,26 @@ class Engine:
         if self.interrupted:
             raise KeyboardInterrupt
         return self.report
+
+    @contextmanager
+    def _first_ctrl_c_stops(self) -> Iterator[None]:
+        """The first Ctrl-C (SIGINT) only sets `interrupted`: claims and sends stop, and what is in flight is
+        written, without an exception landing in the middle of a claim or a write. A second one does what
+        SIGINT did before (KeyboardInterrupt: stop now). Signal handlers belong to the main thread: elsewhere
+        (the admin action in a web worker thread) nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def first(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, first)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _claimed(self, next_batch: Callable[[int], list[Job] | None], size: int) -> list[Job] | None:
         try:
