@@ -118,7 +118,8 @@ def _orders(count: int) -> None:
     now = timezone.now()
     Order.objects.bulk_create(
         Order(merchant="default", appid=APPID, mch_id=MCH_ID, sub_mch_id=SUB_MCH_ID, out_trade_no=f"G{n:06d}",
-              amount=1000, currency="HKD", created_at=now, payment_deadline=now + timedelta(hours=1))
+              amount=1000, currency="HKD", created_at=now, payment_deadline=now + timedelta(hours=1),
+              due_at=now + timedelta(hours=1))
         for n in range(count))
 
 
