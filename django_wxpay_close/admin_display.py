@@ -22,7 +22,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext, pgettext
 
 from .conf import CloseSettings
-from .models import OUTCOME_LABELS, CloseAttempt, Order, OrderState, Trigger
+from .models import QUERY_OUTCOME_LABELS, STORED_OUTCOME_LABELS, CloseAttempt, Order, OrderState, Trigger
 from .wechat import Outcome
 
 
@@ -93,7 +93,7 @@ def who_sent(attempt: CloseAttempt) -> str:
 
 
 def outcome_label(outcome: str) -> str:
-    return str(OUTCOME_LABELS[Outcome(outcome)])
+    return str(STORED_OUTCOME_LABELS.get(outcome, outcome))
 
 
 def answer_text(attempt: CloseAttempt) -> str:
@@ -202,10 +202,11 @@ def outcome_badge(attempt: CloseAttempt) -> str:
     if not attempt.outcome:
         return format_html('<strong style="color:{}">{}</strong> {}', "#b26a00", gettext("unfinished"),
                            gettext("(no answer recorded)"))
-    outcome = Outcome(attempt.outcome)
-    colour = "#2e7d32" if outcome.order_is_closed or outcome is Outcome.PAID else (
-        "#b26a00" if outcome.is_retryable else "#c62828")
-    return format_html('<strong style="color:{}">{}</strong>', colour, OUTCOME_LABELS[outcome])
+    settled = {Outcome.CLOSED.value, Outcome.ALREADY_CLOSED.value, Outcome.PAID.value}
+    waits = {outcome.value for outcome in Outcome if outcome.is_retryable} | {
+        verdict.value for verdict in QUERY_OUTCOME_LABELS}
+    colour = "#2e7d32" if attempt.outcome in settled else ("#b26a00" if attempt.outcome in waits else "#c62828")
+    return format_html('<strong style="color:{}">{}</strong>', colour, outcome_label(attempt.outcome))
 
 
 def attempt_title(attempt: CloseAttempt) -> str:
@@ -214,5 +215,6 @@ def attempt_title(attempt: CloseAttempt) -> str:
         status = outcome_label(attempt.outcome)
     else:
         status = gettext("no answer") if attempt.has_no_answer else gettext("unfinished")
-    return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
-        "out_trade_no": attempt.out_trade_no, "started": format_when(attempt.started_at), "status": status}
+    return gettext("%(api)s %(out_trade_no)s at %(started)s: %(status)s") % {
+        "api": attempt.api, "out_trade_no": attempt.out_trade_no, "started": format_when(attempt.started_at),
+        "status": status}

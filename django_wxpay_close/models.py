@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
-from .wechat import OUT_TRADE_NO_PATTERN, Outcome
+from .wechat import OUT_TRADE_NO_PATTERN, Outcome, QueryVerdict
 
 out_trade_no_validator = RegexValidator(
     OUT_TRADE_NO_PATTERN, _("1-32 characters: letters, digits and _ - | * @ only.")
@@ -72,7 +72,22 @@ OUTCOME_LABELS: dict[Outcome, Any] = {
     Outcome.UNTRUSTED_RESPONSE: _("untrusted response"),
     Outcome.UNEXPECTED_ERROR: _("unexpected error"),
 }
-_OUTCOME_CHOICES = [(outcome.value, OUTCOME_LABELS[outcome]) for outcome in Outcome]
+# What an orderquery answer with a trade_state says (wechat.QueryVerdict); its failures are the outcomes above.
+QUERY_OUTCOME_LABELS: dict[QueryVerdict, Any] = {
+    QueryVerdict.PAYABLE: _("still payable"),
+    QueryVerdict.PAYING: _("payer paying now"),
+}
+_OUTCOME_CHOICES = [(outcome.value, OUTCOME_LABELS[outcome]) for outcome in Outcome] + [
+    (verdict.value, label) for verdict, label in QUERY_OUTCOME_LABELS.items()]
+# Every value an audit row's or an order's outcome column can hold, with its label.
+STORED_OUTCOME_LABELS: dict[str, Any] = dict(_OUTCOME_CHOICES)
+
+
+class Api(models.TextChoices):
+    """The WeChat Pay API an audit row's exchange called."""
+
+    CLOSEORDER = "closeorder", "closeorder"  # API names, the same in every language
+    ORDERQUERY = "orderquery", "orderquery"
 
 
 class Order(models.Model):
@@ -98,7 +113,7 @@ class Order(models.Model):
     paid_at = models.DateTimeField(_("paid at"), null=True, blank=True)
 
     attempt_count = models.PositiveIntegerField(_("attempt count"), default=0,
-                                                help_text=_("closeorder exchanges completed."))
+                                                help_text=_("closeorder and orderquery exchanges completed."))
     retry_count = models.PositiveIntegerField(_("retry count"), default=0,
                                               help_text=_("Consecutive retryable failures (MAX_ATTEMPTS)."))
     last_attempt_at = models.DateTimeField(_("last attempt at"), null=True, blank=True)
@@ -108,6 +123,14 @@ class Order(models.Model):
         _("on hold"), default=False,
         help_text=_("The sweep leaves it alone until a person acts (untrusted answer, bug, retries spent)."),
     )
+
+    # When a close cannot tell where the order stands, the sweep asks WeChat (orderquery) before a person must.
+    needs_query = models.BooleanField(
+        _("ask WeChat next"), default=False,
+        help_text=_("The sweep's next request for this order is an orderquery, not a close."))
+    query_count = models.PositiveIntegerField(
+        _("query count"), default=0,
+        help_text=_("orderquery answers with a trade state since a person last closed the order or lifted its hold."))
 
     # The order as a queue row: when anybody should next look at it while it is open. Its payment deadline (not
     # before MIN_ORDER_AGE), then its retry time after a failure, or its lease's expiry while a close is in
@@ -207,7 +230,8 @@ class AppendOnly(models.Model):
 # What completing a close attempt may write: the answer, never the request it answers.
 ANSWER_FIELDS = frozenset({
     "completed_at", "url", "failed_over_from", "duration_ms", "http_status", "response_body", "return_code",
-    "return_msg", "result_code", "err_code", "err_code_des", "signature_verified", "outcome", "reason"})
+    "return_msg", "result_code", "err_code", "err_code_des", "signature_verified", "outcome", "trade_state",
+    "reason"})
 
 
 class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
@@ -225,7 +249,8 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
 
 
 class CloseAttempt(AppendOnly):
-    """One closeorder HTTP exchange: created before the request leaves, completed once after its answer.
+    """One HTTP exchange with WeChat about an order, closeorder or orderquery (`api`): created before the request
+    leaves, completed once after its answer. An order's rows tell its whole story, closes and queries in turn.
 
     A row with no `completed_at` belongs to a request whose answer is not written yet: still in flight, or its
     process stopped or lost its database. The next close of the same order completes such a row as abandoned.
@@ -252,6 +277,8 @@ class CloseAttempt(AppendOnly):
     url = models.CharField(_("URL"), max_length=300, help_text=_("The URL that answered, or the last one tried."))
     failed_over_from = models.CharField(_("failed over from"), max_length=300, blank=True)
     sign_type = models.CharField(_("sign_type"), max_length=16)
+    api = models.CharField(_("API"), max_length=16, choices=Api.choices, default=Api.CLOSEORDER,
+                           db_default=Api.CLOSEORDER)
     request_xml = models.TextField(_("request XML"),
                                    help_text=_("The exact body sent (holds the signature, never the key)."))
 
@@ -268,6 +295,8 @@ class CloseAttempt(AppendOnly):
     err_code_des = models.CharField(_("err_code_des"), max_length=128, blank=True)
     signature_verified = models.BooleanField(_("signature verified"), null=True, blank=True)
     outcome = models.CharField(_("outcome"), max_length=32, blank=True, choices=_OUTCOME_CHOICES)
+    trade_state = models.CharField(_("trade_state"), max_length=16, blank=True,
+                                   help_text=_("What an orderquery answer said of the order (SUCCESS, NOTPAY, ...)."))
     reason = models.TextField(_("reason"), blank=True)
 
     objects = CloseAttemptQuerySet.as_manager()
@@ -294,8 +323,9 @@ class CloseAttempt(AppendOnly):
 
     def __str__(self) -> str:
         status = self.outcome or (gettext("no answer") if self.has_no_answer else gettext("unfinished"))
-        return gettext("closeorder %(out_trade_no)s at %(started)s: %(status)s") % {
-            "out_trade_no": self.out_trade_no, "started": f"{self.started_at:%Y-%m-%d %H:%M:%S}", "status": status}
+        return gettext("%(api)s %(out_trade_no)s at %(started)s: %(status)s") % {
+            "api": self.api, "out_trade_no": self.out_trade_no, "started": f"{self.started_at:%Y-%m-%d %H:%M:%S}",
+            "status": status}
 
     @property
     def is_finished(self) -> bool:
@@ -315,7 +345,7 @@ class CloseAttempt(AppendOnly):
         return CloseAttempt.objects.using(self._state.db).create(
             order_id=self.order_id, late_answer_to=self, merchant=self.merchant, mch_id=self.mch_id,
             sub_mch_id=self.sub_mch_id, out_trade_no=self.out_trade_no, trigger=self.trigger, user_id=self.user_id,
-            actor=self.actor, sign_type=self.sign_type, request_xml="", started_at=self.started_at,
+            actor=self.actor, api=self.api, sign_type=self.sign_type, request_xml="", started_at=self.started_at,
             **{"completed_at": timezone.now(), **answer})
 
     def complete(self, **fields: Any) -> bool:

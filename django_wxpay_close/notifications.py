@@ -282,13 +282,9 @@ def _other_app(order: Order, notification: Notification) -> str:
 
 
 def _mismatch(order: Order, notification: Notification) -> str:
-    """Why the paid amount is not the order's ("" when it is, or the order has no amount or currency)."""
-    problems = []
-    if order.amount is not None and notification.total_fee_amount != order.amount:
-        problems.append(f"total_fee {notification.total_fee[:20]!r} but the order's amount is {order.amount}")
-    if order.currency and notification.fee_type.upper() != order.currency.upper():
-        problems.append(f"fee_type {notification.fee_type[:16]!r} but the order's currency is {order.currency!r}")
-    return "; ".join(problems)
+    return services.paid_amount_mismatch(order, total_fee=notification.total_fee,
+                                         total_fee_amount=notification.total_fee_amount,
+                                         fee_type=notification.fee_type)
 
 
 def _cut(value: str, column: str) -> str:

@@ -37,6 +37,8 @@ class CloseAction(str, Enum):
     ALREADY_CLOSED = "already_closed"
     FOUND_PAID = "found_paid"
     RETRY_SCHEDULED = "retry_scheduled"
+    QUERY_SCHEDULED = "query_scheduled"  # WeChat will be asked where the order stands (orderquery)
+    CHECKED = "checked"  # asked WeChat (orderquery): the answer was recorded, the order did not change
     MARKED_UNKNOWN = "unknown_to_wechat"  # ORDERNOTEXIST until retries ran out
     PUT_ON_HOLD = "on_hold"  # a person must look: untrusted answer, our bug, retries spent
     CONFIGURATION_ERROR = "configuration_error"  # wrong key/sign type/merchant: the order is backed off
@@ -61,6 +63,10 @@ _ACTION_SINGULAR = {
     CloseAction.ALREADY_CLOSED: ngettext_lazy("%(count)d was already closed", "%(count)d were already closed", "count"),
     CloseAction.FOUND_PAID: ngettext_lazy("%(count)d was already paid", "%(count)d were already paid", "count"),
     CloseAction.RETRY_SCHEDULED: ngettext_lazy("%(count)d will be retried", "%(count)d will be retried", "count"),
+    CloseAction.QUERY_SCHEDULED: ngettext_lazy("%(count)d will be checked at WeChat",
+                                               "%(count)d will be checked at WeChat", "count"),
+    CloseAction.CHECKED: ngettext_lazy("%(count)d was checked at WeChat and left as it was",
+                                       "%(count)d were checked at WeChat and left as they were", "count"),
     CloseAction.MARKED_UNKNOWN: ngettext_lazy("%(count)d was never known to WeChat",
                                               "%(count)d were never known to WeChat", "count"),
     CloseAction.PUT_ON_HOLD: ngettext_lazy("%(count)d needs attention", "%(count)d need attention", "count"),

@@ -46,6 +46,15 @@ def orders_due_for_closing(
     return queryset.order_by("due_at", "id")
 
 
+def orders_on_hold(*, merchants: Collection[str] | None = None, using: str | None = None) -> QuerySet[Order]:
+    """Open orders on hold, the oldest first: what `--check-held` asks WeChat about. Served by the attention
+    index, which holds only the orders on hold (and the few refused for configuration)."""
+    queryset = Order.objects.using(using or write_database()).filter(state=OrderState.OPEN, on_hold=True)
+    if merchants is not None:
+        queryset = queryset.filter(merchant__in=merchants)
+    return queryset.order_by("created_at", "id")
+
+
 # Reasons an explicit close is not sent. Stored and compared as they are, so plain English: gettext_noop only puts
 # them in the catalogue, and the admin translates them when it shows one.
 TOO_YOUNG = gettext_noop("younger than MIN_ORDER_AGE (WeChat mishandles closing a just-created order)")

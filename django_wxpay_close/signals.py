@@ -9,6 +9,10 @@ Every signal has `sender=Order` and the keyword arguments `order` (the refreshed
 - close_failed: the close did not succeed this time; `outcome` (wechat.Outcome) and `reason` say why.
 - close_attempts_exhausted: retries ran out; the order is UNKNOWN_TO_WECHAT or on hold. `outcome`, `reason`.
 - order_paid_recorded: `record_payment()` marked the order PAID (notification or order query).
+- order_settled_by_query: WeChat's answer to an orderquery changed the order's state: `state` is the new one
+  (paid, closed or unknown_to_wechat), `trade_state` what WeChat said (SUCCESS, REFUND, CLOSED, REVOKED, or ""
+  for ORDERNOTEXIST). A shop that fulfils paid orders listens to this one as well as order_found_paid and
+  order_paid_recorded: each payment is announced by exactly one of the three.
 - closed_after_payment: WeChat answered a close with "closed" for an order a payment was recorded for
   meanwhile (`outcome`, `reason`). The order stays PAID and goes on hold: a person must check the payment at
   WeChat and refund or fulfil it.
@@ -17,7 +21,8 @@ The payment notification view sends these two with `attempt=None` and `notificat
 
 - payment_for_closed_order: WeChat reports a payment for an order we had closed. The money was taken: a
   person must refund it (or fulfil the order). The order stays CLOSED.
-- payment_mismatch: a signed notification's total_fee or fee_type differs from the order's amount or currency, or its
+- payment_mismatch: a signed notification's (or an orderquery answer's, then with `notification=None` and the
+  query's `attempt`) total_fee or fee_type differs from the order's amount or currency, or its
   appid (or a sub_appid it names) from the order's.
   The order is not marked paid: a person must check the payment.
 """
@@ -37,6 +42,7 @@ order_found_paid = Signal()
 close_failed = Signal()
 close_attempts_exhausted = Signal()
 order_paid_recorded = Signal()
+order_settled_by_query = Signal()
 closed_after_payment = Signal()
 payment_for_closed_order = Signal()
 payment_mismatch = Signal()

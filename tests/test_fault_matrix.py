@@ -203,18 +203,21 @@ def test_systemerrors_then_success_are_retried_on_the_backoff_schedule_until_clo
     assert simulator.close_requests_for(order.out_trade_no) == 3
 
 
-def test_systemerror_until_the_retries_run_out_puts_the_order_on_hold_and_fails_the_command(
+def test_systemerror_until_the_retries_run_out_asks_wechat_and_goes_on_hold_when_the_query_cannot_tell_either(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator,
 ) -> None:
     order = make_order()
-    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no, times=None)
+    for api in ("closeorder", "orderquery"):
+        simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no, times=None, api=api)
     statuses = []
-    for _ in range(3):  # MAX_ATTEMPTS
+    for _ in range(6):  # MAX_ATTEMPTS closes, then MAX_ATTEMPTS queries, one request per run
         statuses.append(run_sweep().exit_status)
         make_due(order)
     order = refreshed(order)
-    assert statuses == [0, 0, 4]
+    assert statuses == [0, 0, 0, 0, 0, 4]
     assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
+    assert simulator.close_requests_for(order.out_trade_no) == 3
+    assert order.close_attempts.filter(api="orderquery").count() == 3
     assert run_sweep().summary["total"] == 0
 
 
@@ -222,15 +225,16 @@ def test_an_order_whose_answers_are_always_unreadable_goes_on_hold_after_its_ret
     make_order: Callable[..., Order], simulator: WeChatPaySimulator,
 ) -> None:
     order = make_order()
-    simulator.inject(Fault.MALFORMED_BODY, out_trade_no=order.out_trade_no, times=None)
+    for api in ("closeorder", "orderquery"):
+        simulator.inject(Fault.MALFORMED_BODY, out_trade_no=order.out_trade_no, times=None, api=api)
     statuses = []
-    for _ in range(3):  # MAX_ATTEMPTS runs of one exchange each: every transport failure spends a retry
+    for _ in range(6):  # runs of one exchange each (3 closes, 3 queries): every transport failure spends a retry
         statuses.append(run_sweep().exit_status)
         make_due(order)
     order = refreshed(order)
-    assert statuses == [0, 0, 4]
+    assert statuses == [0, 0, 0, 0, 0, 4]
     assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
-    assert order.close_attempts.count() == 3
+    assert order.close_attempts.count() == 6
 
 
 def test_ordernotexist_until_the_retry_budget_is_spent_marks_the_order_unknown_to_wechat(
@@ -242,12 +246,15 @@ def test_ordernotexist_until_the_retry_budget_is_spent_marks_the_order_unknown_t
         assert_retry_scheduled(order, retries=retries, outcome=Outcome.NOT_FOUND)
         make_due(order)
 
-    run = run_sweep()
+    assert run_sweep().summary["by_action"] == {"query_scheduled": 1}  # the last close: WeChat will be asked
+    make_due(order)
+    run = run_sweep()  # the query confirms it
 
     order = refreshed(order)
     assert run.exit_status == 0 and run.summary["by_action"] == {"unknown_to_wechat": 1}
-    assert order.state == OrderState.UNKNOWN_TO_WECHAT and order.retry_count == 3 and not order.on_hold
-    assert set(order.close_attempts.values_list("err_code", flat=True)) == {"ORDERNOTEXIST"}
+    assert order.state == OrderState.UNKNOWN_TO_WECHAT and not order.on_hold
+    assert list(order.close_attempts.order_by("pk").values_list("api", "err_code")) == [
+        ("closeorder", "ORDERNOTEXIST")] * 3 + [("orderquery", "ORDERNOTEXIST")]
     assert run_sweep().summary["total"] == 0 and simulator.close_requests_for(order.out_trade_no) == 3
 
 
@@ -292,24 +299,26 @@ def test_a_signerror_halts_only_its_merchant_while_the_other_merchants_orders_cl
 
 
 @pytest.mark.parametrize("fault", [Fault.BAD_SIGNATURE, Fault.UNSIGNED])
-def test_a_success_body_that_is_not_correctly_signed_changes_nothing_and_fails_the_command(
+def test_a_success_body_that_is_not_correctly_signed_changes_nothing_and_fails_the_command_when_a_query_cannot_tell(
     make_order: Callable[..., Order], simulator: WeChatPaySimulator, fault: Fault,
 ) -> None:
     order, by_service = make_order(), make_order()
     for faulty in (order, by_service):
-        simulator.inject(fault, out_trade_no=faulty.out_trade_no)
+        for api in ("closeorder", "orderquery"):
+            simulator.inject(fault, out_trade_no=faulty.out_trade_no, api=api)
 
-    assert close_order(by_service).action is CloseAction.PUT_ON_HOLD
+    assert close_order(by_service).action is CloseAction.QUERY_SCHEDULED
+    assert run_sweep().summary["by_action"] == {"query_scheduled": 1, "on_hold": 1}  # closes one, asks of the other
     run = run_sweep()
 
     assert run.exit_status == 4 and "attention" in run.error and run.summary["by_action"] == {"on_hold": 1}
     assert refreshed(by_service).on_hold and refreshed(by_service).state == OrderState.OPEN
     order = refreshed(order)
     assert order.state == OrderState.OPEN and order.on_hold and order.closed_at is None
-    assert order.retry_count == 0
-    attempt = last_attempt(order)
-    assert attempt.outcome == Outcome.UNTRUSTED_RESPONSE and attempt.signature_verified is False
-    assert attempt.http_status == 200 and attempt.result_code == "SUCCESS"
+    close = order.close_attempts.get(api="closeorder")
+    assert close.outcome == Outcome.UNTRUSTED_RESPONSE and close.signature_verified is False
+    assert close.http_status == 200 and close.result_code == "SUCCESS"
+    assert last_attempt(order).api == "orderquery" and last_attempt(order).outcome == Outcome.UNTRUSTED_RESPONSE
     assert run_sweep().summary["total"] == 0, "an order on hold was sent again"
 
 
@@ -377,5 +386,5 @@ def test_an_answer_from_the_primary_region_never_fails_over(
     run_sweep()
 
     assert secondary.requests == [] and refreshed(order).state == OrderState.OPEN
-    attempt = order.close_attempts.get()
+    attempt = order.close_attempts.get(api="closeorder")
     assert attempt.url == simulator.base_url + CLOSEORDER_PATH and attempt.failed_over_from == ""

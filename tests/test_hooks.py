@@ -11,12 +11,13 @@ from django.db import transaction
 
 from django_wxpay_close import signals
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
-from django_wxpay_close.services import close_order, create_order, record_payment
+from django_wxpay_close.services import close_order, create_order, record_payment, sweep_expired_orders
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.wechat import Outcome
 
-SIGNALS = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded"]
+SIGNALS = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded",
+           "order_settled_by_query", "payment_mismatch"]
 
 
 @pytest.fixture
@@ -54,14 +55,18 @@ def test_close_failed_carries_the_outcome_and_reason(make_order, simulator, sent
     assert kwargs["outcome"] is Outcome.RETRYABLE_ERROR and kwargs["reason"].startswith("SYSTEMERROR")
 
 
-def test_close_attempts_exhausted_says_why_it_gave_up(make_order, wxpay_settings, sent):
+def test_close_attempts_exhausted_says_why_it_gave_up(make_order, wxpay_settings, simulator, sent):
     wxpay_settings["MAX_ATTEMPTS"] = 1
-    close_order(make_order(remote=None))
+    for api in ("closeorder", "orderquery"):
+        simulator.inject(Fault.SYSTEMERROR, times=None, api=api)
+    close_order(make_order())
+    sweep_expired_orders()  # the query the close left for the sweep
 
-    [(name, kwargs)] = sent
-    assert (name, set(kwargs)) == ("close_attempts_exhausted", {"order", "attempt", "outcome", "reason"})
-    assert kwargs["order"].state == OrderState.UNKNOWN_TO_WECHAT and kwargs["outcome"] is Outcome.NOT_FOUND
-    assert kwargs["reason"].startswith("gave up after 1 attempts")
+    assert [name for name, _ in sent] == ["close_failed", "close_attempts_exhausted"]
+    kwargs = sent[-1][1]
+    assert set(kwargs) == {"order", "attempt", "outcome", "reason"}
+    assert kwargs["order"].on_hold and kwargs["outcome"] is Outcome.RETRYABLE_ERROR
+    assert kwargs["reason"].startswith("orderquery gave up after 1 attempts")
 
 
 def test_order_paid_recorded_has_no_attempt(make_order, sent):

@@ -283,7 +283,7 @@ def test_a_signed_answer_with_a_non_2xx_status_never_changes_an_order(fuzzer: Fu
 # -- endless bodies over a real socket: memory and time stay bounded ------------------------------------------------
 
 
-def test_a_signed_success_that_also_says_orderpaid_changes_no_state_and_puts_the_order_on_hold(
+def test_a_signed_success_that_also_says_orderpaid_changes_no_state_and_asks_wechat_next(
     wxpay_settings: dict[str, Any], make_order: Callable[..., Order],
 ) -> None:
     wxpay_settings.update(BASE_URL=FAKE_WECHAT)
@@ -294,8 +294,8 @@ def test_a_signed_success_that_also_says_orderpaid_changes_no_state_and_puts_the
                    content_type="text/xml")
         result = close_order(order)
     order.refresh_from_db()
-    assert result.action is CloseAction.PUT_ON_HOLD and "contradictory" in result.reason
-    assert order.state == OrderState.OPEN and order.on_hold and order.paid_at is None and order.closed_at is None
+    assert result.action is CloseAction.QUERY_SCHEDULED and "contradictory" in result.reason
+    assert order.state == OrderState.OPEN and order.needs_query and order.paid_at is None and order.closed_at is None
     assert CloseAttempt.objects.get(order=order).outcome == Outcome.UNTRUSTED_RESPONSE
 
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from io import StringIO
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from django.test import Client, override_settings
 from django.urls import reverse
 
 from django_wxpay_close.models import CloseAttempt, Order, OrderState
+from django_wxpay_close.testing import Fault
+from django_wxpay_close.testing import OrderState as RemoteState
+from example_project.demo.management.commands import wxpay_demo
 from django_wxpay_close.services import create_order
 from django_wxpay_close.testing import API_KEY, APPID, MCH_ID, SUB_MCH_ID
 from django_wxpay_close.wechat import CloseOrderClient, Merchant, Outcome
@@ -28,8 +32,11 @@ from django_wxpay_close.wechat import CloseOrderClient, Merchant, Outcome
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_ORDERS = 17
-DEMO_REQUESTS = 16  # 13 first closes, then the retries of the two SYSTEMERROR orders and the unknown one
+DEMO_ORDERS = 19
+# 15 first closes; then the retries of the two SYSTEMERROR orders and the unknown one, and the queries of the two
+# orders whose close was answered unsigned.
+DEMO_REQUESTS = 20
+DEMO_QUERIES = 2
 
 
 def run_demo(settings: Any, *args: str) -> str:
@@ -46,7 +53,7 @@ def test_the_demo_closes_expired_orders_and_audits_every_request(transactional_d
     out = run_demo(settings)
 
     states = {state: Order.objects.filter(state=state).count() for state in OrderState}
-    assert states == {OrderState.CLOSED: 10, OrderState.PAID: 2, OrderState.OPEN: 5, OrderState.UNKNOWN_TO_WECHAT: 0}
+    assert states == {OrderState.CLOSED: 11, OrderState.PAID: 3, OrderState.OPEN: 5, OrderState.UNKNOWN_TO_WECHAT: 0}
     assert CloseAttempt.objects.unfinished().count() == 0
     assert f"the audit trail holds {CloseAttempt.objects.count()} rows" in out
 
@@ -55,8 +62,9 @@ def test_the_demo_says_requests_received_equal_audit_rows_and_that_it_passed(tra
     out = run_demo(settings)
 
     assert CloseAttempt.objects.count() == DEMO_REQUESTS
-    assert (f"The simulator received {DEMO_REQUESTS} closeorder requests and the audit trail holds "
-            f"{DEMO_REQUESTS} rows for this run's orders: one per request, none unfinished.") in out
+    assert (f"The simulator received {DEMO_REQUESTS} requests ({DEMO_REQUESTS - DEMO_QUERIES} closeorder, "
+            f"{DEMO_QUERIES} orderquery) and the audit trail holds {DEMO_REQUESTS} rows for this run's orders: one "
+            "per request, none unfinished.") in out
     assert f"All {DEMO_ORDERS} orders ended where their scenario says." in out
     assert out.count("close_expired_orders exited 0") == 2
     assert out.rstrip().splitlines()[-1].startswith("Demo passed: both sweeps exited 0")
@@ -70,15 +78,28 @@ def test_the_demo_refuses_a_database_that_already_holds_orders(transactional_db,
     assert Order.objects.count() == 1
 
 
-def test_a_sweep_that_exits_non_zero_makes_the_demo_exit_with_its_status_and_say_why(transactional_db, settings):
-    settings.WXPAY_CLOSE = {**settings.WXPAY_CLOSE, "MAX_ATTEMPTS": 1}  # a SYSTEMERROR now puts its order on hold
+def test_an_unsigned_close_answer_ends_settled_by_a_query_instead_of_on_hold(transactional_db, settings):
+    out = run_demo(settings)
+
+    for scenario, state in [("unsigned answer, closed", "Closed"), ("unsigned answer, paid", "Paid")]:
+        [line] = [line for line in out.splitlines() if scenario in line]
+        assert line.split(scenario)[1].split()[0] == state and line.endswith(f"orderquery: {state.lower()}")
+    assert not Order.objects.filter(on_hold=True).exists()
+
+
+def test_a_sweep_that_exits_non_zero_makes_the_demo_exit_with_its_status_and_say_why(
+        transactional_db, settings, monkeypatch):
+    # A scenario of the example project's whose request WeChat refuses as malformed: our bug, on hold at once.
+    refused = wxpay_demo.Scenario("request refused", 1, RemoteState.NOTPAY, timedelta(hours=1),
+                                  -timedelta(minutes=30), OrderState.CLOSED, fault=Fault.XML_FORMAT_ERROR)
+    monkeypatch.setattr(wxpay_demo, "SCENARIOS", [*wxpay_demo.SCENARIOS, refused])
 
     with pytest.raises(CommandError) as raised:
         run_demo(settings)
 
     assert raised.value.returncode == 4
     assert "close_expired_orders exited 4 and 0" in str(raised.value)
-    assert "SYSTEMERROR first) is Open (awaiting payment), expected Closed" in str(raised.value)
+    assert "(request refused) is Open (awaiting payment), expected Closed" in str(raised.value)
 
 
 def demo_subprocess(database: Path) -> subprocess.CompletedProcess[str]:
@@ -107,8 +128,9 @@ def test_a_second_demo_run_stands_alone_and_its_figures_add_up(tmp_path):
 
     assert second.returncode == 0, second.stderr
     assert f"{DEMO_ORDERS} demo orders created" in second.stdout
-    assert (f"The simulator received {DEMO_REQUESTS} closeorder requests and the audit trail holds "
-            f"{DEMO_REQUESTS} rows for this run's orders") in second.stdout
+    assert (f"The simulator received {DEMO_REQUESTS} requests ({DEMO_REQUESTS - DEMO_QUERIES} closeorder, "
+            f"{DEMO_QUERIES} orderquery) and the audit trail holds {DEMO_REQUESTS} rows for this run's orders"
+            ) in second.stdout
     with sqlite3.connect(database) as connection:
         assert connection.execute("SELECT COUNT(*) FROM django_wxpay_close_order").fetchone() == (DEMO_ORDERS,)
     connection.close()

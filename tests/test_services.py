@@ -45,7 +45,7 @@ def received() -> Any:
     """Collects (signal name, kwargs) for every django_wxpay_close signal sent during the test."""
     seen: list[tuple[str, dict[str, Any]]] = []
     names = ["order_closed", "order_found_paid", "close_failed", "close_attempts_exhausted", "order_paid_recorded",
-             "closed_after_payment"]
+             "closed_after_payment", "order_settled_by_query"]
     receivers = {}
     for name in names:
         def receiver(sender: Any, _name: str = name, **kwargs: Any) -> None:
@@ -117,39 +117,43 @@ def test_retry_backoff_doubles_per_retry_up_to_its_cap(wxpay_settings):
     assert delays == [timedelta(seconds=s) for s in (30, 60, 120, 120, 120)]
 
 
-def test_ordernotexist_until_the_retries_run_out_marks_the_order_unknown_to_wechat(make_order, received):
+def test_ordernotexist_until_the_retries_run_out_is_confirmed_by_a_query_before_the_order_is_unknown_to_wechat(
+        make_order, received):
     order = make_order(remote=None)  # the simulator has never heard of it: ORDERNOTEXIST
 
     actions = []
-    for _ in range(3):  # MAX_ATTEMPTS in the test settings
+    for _ in range(4):  # MAX_ATTEMPTS (3 in the test settings) closes, then the query
         Order.objects.filter(pk=order.pk).update(due_at=timezone.now())
         order.refresh_from_db()
         actions.append(sweep_expired_orders().by_action)
 
     order.refresh_from_db()
-    assert [list(a) for a in actions] == [[CloseAction.RETRY_SCHEDULED]] * 2 + [[CloseAction.MARKED_UNKNOWN]]
-    assert order.state == OrderState.UNKNOWN_TO_WECHAT and order.attempt_count == 3
-    assert received[-1][0] == "close_attempts_exhausted"
+    assert [list(a) for a in actions] == [[CloseAction.RETRY_SCHEDULED]] * 2 + [
+        [CloseAction.QUERY_SCHEDULED], [CloseAction.MARKED_UNKNOWN]]
+    assert order.state == OrderState.UNKNOWN_TO_WECHAT and order.attempt_count == 4
+    assert received[-1][0] == "order_settled_by_query"
 
 
-def test_systemerror_until_the_retries_run_out_puts_the_order_on_hold(make_order, simulator):
+def test_systemerror_until_the_retries_run_out_goes_on_hold_once_the_query_cannot_tell_either(make_order, simulator):
     order = make_order()
     simulator.inject(Fault.SYSTEMERROR, times=None)
-    for _ in range(3):
+    simulator.inject(Fault.SYSTEMERROR, times=None, api="orderquery")
+    for _ in range(6):  # MAX_ATTEMPTS closes, then MAX_ATTEMPTS queries
         Order.objects.filter(pk=order.pk).update(due_at=timezone.now())
         sweep_expired_orders()
     order.refresh_from_db()
     assert order.state == OrderState.OPEN and order.on_hold and order.retry_count == 3
+    assert order.last_error.startswith("orderquery gave up after 3 attempts; last: SYSTEMERROR")
     assert sweep_expired_orders().total == 0  # held orders wait for a person
 
 
-def test_a_success_body_with_a_bad_signature_changes_no_state_and_puts_the_order_on_hold(make_order, simulator):
+def test_a_success_body_with_a_bad_signature_changes_no_state_and_asks_wechat_next(make_order, simulator):
     order = make_order()
     simulator.inject(Fault.BAD_SIGNATURE)
     result = close_order(order)
     order.refresh_from_db()
-    assert result.action is CloseAction.PUT_ON_HOLD and result.outcome is Outcome.UNTRUSTED_RESPONSE
-    assert order.state == OrderState.OPEN and order.on_hold
+    assert result.action is CloseAction.QUERY_SCHEDULED and result.outcome is Outcome.UNTRUSTED_RESPONSE
+    assert order.state == OrderState.OPEN and order.needs_query and not order.on_hold
     assert order.close_attempts.get().signature_verified is False
 
 

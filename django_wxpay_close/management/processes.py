@@ -27,6 +27,8 @@ def run_processes(options: dict[str, Any]) -> dict[str, Any]:
     forwarded = ["--processes", "1", "--json", "--verbosity", "0"]
     if options["workers"]:
         forwarded += ["--workers", str(options["workers"])]
+    if options["check_held"]:  # each process asks about the held orders it claims: each order once
+        forwarded.append("--check-held")
     for merchant in options["merchants"] or []:
         forwarded += ["--merchant", merchant]
     if options["older_than"] is not None:

@@ -1,8 +1,11 @@
 """The only code that calls WeChat and changes an order's state.
 
-- closing.py: `sweep_expired_orders`, `close_orders` and `close_order`, all on one engine;
-- engine.py: the engine, which claims, sends and records closes (jobs.py: what its threads hand each other);
-- decisions.py: what an answer means for its order; judgement.py: what a run learns from its answers;
+- closing.py: `sweep_expired_orders`, `close_orders`, `close_order`, `check_orders` and `check_order`, all on
+  one engine;
+- engine.py: the engine, which claims, sends and records closes and queries (jobs.py: what its threads hand each
+  other);
+- decisions.py: what an answer (a close's, a query's) means for its order; judgement.py: what a run learns from
+  its answers;
 - reorder.py: `close_before_reorder`, the verdict a shop asks before creating a new order;
 - orders.py: recording orders and payments, lifting a hold (no request is sent).
 
@@ -10,9 +13,9 @@ What a run reports (actions, counts, summaries, exit statuses) is in ../reports.
 """
 
 from ..reports import CloseAction, CloseReport, OrderCloseResult
-from .closing import close_order, close_orders, sweep_expired_orders
+from .closing import check_order, check_orders, close_order, close_orders, sweep_expired_orders
 from .engine import ABANDONED, DatabaseUnavailable
-from .orders import InvalidTransition, create_order, lift_hold, record_payment
+from .orders import InvalidTransition, create_order, lift_hold, paid_amount_mismatch, record_payment
 from .reorder import ReorderAnswer, ReorderVerdict, close_before_reorder
 
 __all__ = [
@@ -24,11 +27,14 @@ __all__ = [
     "OrderCloseResult",
     "ReorderAnswer",
     "ReorderVerdict",
+    "check_order",
+    "check_orders",
     "close_before_reorder",
     "close_order",
     "close_orders",
     "create_order",
     "lift_hold",
+    "paid_amount_mismatch",
     "record_payment",
     "sweep_expired_orders",
 ]

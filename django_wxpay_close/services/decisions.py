@@ -1,4 +1,5 @@
-"""What one closeorder answer means for its order (docs/protocol.md#outcomes), as the UPDATE to apply.
+"""What one answer means for its order, as the UPDATE to apply: a closeorder answer (docs/protocol.md#outcomes)
+in `decide`, an orderquery answer (docs/protocol.md#orderquery) in `decide_query`.
 
 Pure: nothing here reads or writes the database. The engine applies a decision's `values` with one UPDATE
 conditional on its claim and on the order still being open, and sends `signal` once that is committed.
@@ -7,6 +8,7 @@ conditional on its claim and on the order still being open, and sends `signal` o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from django.db.models import F
@@ -16,7 +18,16 @@ from .. import signals
 from ..conf import CloseSettings
 from ..models import ALLOWED_TRANSITIONS, Order, OrderState
 from ..reports import CloseAction
-from ..wechat import CloseResult, Outcome
+from ..wechat import CloseResult, Outcome, QueryResult, QueryVerdict
+from .orders import paid_amount_mismatch
+
+
+class QueryPurpose(str, Enum):
+    """Why an order is asked about (orderquery), which decides what a "still payable" or unclear answer does."""
+
+    SETTLE = "settle"  # the sweep's own: a close could not tell (the order's `needs_query`)
+    HELD = "held"  # reconciling orders on hold (the sweep's --check-held)
+    CHECK = "check"  # a person or the shop's code asked: only a paid or closed answer changes the order
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,11 @@ def backoff(order: Order, settings: CloseSettings, *, spends_retry: bool) -> tup
     return False, {"retry_count": retries, "due_at": Now() + settings.retry_delay(order.attempt_count + 1)}
 
 
+def ask_wechat(reason: str) -> dict[str, Any]:
+    """The values that make an order's next request an orderquery, now, with a fresh retry budget."""
+    return {"needs_query": True, "retry_count": 0, "due_at": Now(), "last_error": f"{reason}; asking WeChat"}
+
+
 def decide(order: Order, result: CloseResult, settings: CloseSettings, *, spends_retry: bool) -> Decision:
     """What WeChat's answer means for the order; `spends_retry` says whether a failure spends one of
     MAX_ATTEMPTS (the run's judgement decides that, see judgement.py)."""
@@ -78,7 +94,12 @@ def decide(order: Order, result: CloseResult, settings: CloseSettings, *, spends
         return change_state(OrderState.CLOSED, CloseAction.ALREADY_CLOSED if already else CloseAction.CLOSED,
                             signals.order_closed, signal_kwargs={"already_closed": already},
                             retry_count=0, closed_at=Now())
+    # A close that cannot tell where the order stands asks WeChat once before a person must (docs/operations.md);
+    # once a query has answered, an unclear close goes on hold: the answer is in the trail.
+    may_ask = order.query_count == 0
     if outcome.needs_attention:
+        if may_ask and outcome is not Outcome.CLIENT_BUG:  # our own malformed request needs a person in any case
+            return keep_open(CloseAction.QUERY_SCHEDULED, signals.close_failed, **ask_wechat(result.reason))
         return keep_open(CloseAction.PUT_ON_HOLD, signals.close_failed, on_hold=True)
 
     # Retried later: a configuration error too, so one poison order does not stop its merchant for ever.
@@ -88,6 +109,9 @@ def decide(order: Order, result: CloseResult, settings: CloseSettings, *, spends
         return keep_open(action, signals.close_failed, **updates)
     exhausted = f"gave up after {updates['retry_count']} attempts; last: {result.reason or outcome.value}"
     exhausted_kwargs = {"outcome": outcome, "reason": exhausted}
+    if may_ask and not outcome.halts_merchant:  # transport failures, SYSTEMERROR, ORDERNOTEXIST
+        return keep_open(CloseAction.QUERY_SCHEDULED, signals.close_failed, exhausted, exhausted_kwargs,
+                         **ask_wechat(exhausted))
     if outcome is Outcome.NOT_FOUND:
         # docs/protocol.md#outcomes: after the last retry an ORDERNOTEXIST order is terminal, never payable.
         return change_state(OrderState.UNKNOWN_TO_WECHAT, CloseAction.MARKED_UNKNOWN,
@@ -96,11 +120,84 @@ def decide(order: Order, result: CloseResult, settings: CloseSettings, *, spends
                      on_hold=True, **updates)
 
 
-def after_state_moved(state: str, result: CloseResult, decision: Decision) -> Decision:
-    """The order left the open state while its close was in flight (a payment recorded meanwhile): what the
-    answer means now. Only the exchange's bookkeeping is written, and the claim given back."""
+def decide_query(order: Order, result: QueryResult, settings: CloseSettings, *, spends_retry: bool,
+                 purpose: QueryPurpose) -> Decision:
+    """What WeChat's orderquery answer means for the order (docs/operations.md#when-the-app-asks-wechat).
+
+    Paid (with the amount checked) and closed settle the order whatever the purpose; otherwise a check only
+    records the answer, while the sweep closes a still-payable order again (once), looks again later at a
+    payment in progress, and puts on hold only what WeChat itself cannot settle.
+    """
+    verdict, failure = result.verdict, result.failure
+    bookkeeping: dict[str, Any] = {"attempt_count": F("attempt_count") + 1, "last_attempt_at": Now(),
+                                   "last_outcome": result.outcome_value, "last_error": f"orderquery: {result.reason}",
+                                   "in_flight": False}
+    if result.trade_state is not None:
+        bookkeeping["query_count"] = F("query_count") + 1
+    as_before: dict[str, Any] = {"due_at": order.due_at}  # the claim moved it to the lease's end
+
+    def settle(target: str, action: CloseAction, **updates: Any) -> Decision:
+        if target not in ALLOWED_TRANSITIONS[OrderState.OPEN]:
+            raise ValueError(f"open -> {target} is not an allowed transition")
+        trade_state = result.trade_state.value if result.trade_state else ""
+        return Decision(action, result.reason, {
+            **bookkeeping, "state": target, "state_changed_at": Now(), "on_hold": False, "needs_query": False,
+            "retry_count": 0, **updates}, signals.order_settled_by_query, {"state": target, "trade_state": trade_state})
+
+    def keep_open(action: CloseAction, reason: str = result.reason, signal: Any = None,
+                  signal_kwargs: dict[str, Any] | None = None, **updates: Any) -> Decision:
+        return Decision(action, reason, {**bookkeeping, **updates}, signal, signal_kwargs or {})
+
+    def hold(reason: str, **updates: Any) -> Decision:
+        return keep_open(CloseAction.PUT_ON_HOLD, reason, signals.close_attempts_exhausted,
+                         {"outcome": failure, "reason": reason}, on_hold=True, needs_query=False,
+                         last_error=reason, **as_before, **updates)
+
+    if verdict is QueryVerdict.PAID:
+        mismatch = paid_amount_mismatch(order, total_fee=result.response_fields.get("total_fee", ""),
+                                        total_fee_amount=result.total_fee, fee_type=result.fee_type)
+        if not mismatch:
+            return settle(OrderState.PAID, CloseAction.FOUND_PAID, paid_at=Now())
+        reason = f"WeChat says it is paid ({result.reason}), but {mismatch}: check the payment at WeChat"
+        return keep_open(CloseAction.PUT_ON_HOLD, reason, signals.payment_mismatch,
+                         {"notification": None, "reason": reason}, on_hold=True, needs_query=False,
+                         last_error=reason, **as_before)
+    if verdict is QueryVerdict.CLOSED:
+        return settle(OrderState.CLOSED, CloseAction.ALREADY_CLOSED, closed_at=Now())
+    if purpose is QueryPurpose.CHECK:
+        return keep_open(CloseAction.CHECKED, result.reason, **as_before)
+    if verdict is QueryVerdict.NOT_FOUND:  # the close said so too, or the order was never seen by WeChat
+        return settle(OrderState.UNKNOWN_TO_WECHAT, CloseAction.MARKED_UNKNOWN)
+    if verdict is QueryVerdict.PAYABLE:
+        if purpose is QueryPurpose.HELD and order.query_count > 0:
+            return hold(f"{result.reason}: still payable, and the close after an earlier query could not tell "
+                        "either: close it once the cause is fixed")
+        return keep_open(CloseAction.RETRY_SCHEDULED, f"{result.reason}: closing it again", needs_query=False,
+                         on_hold=False, retry_count=0, due_at=Now())
+    if verdict is QueryVerdict.PAYING:  # never close a payment in progress: ask again after the retry delay
+        spent, values = backoff(order, settings, spends_retry=True)
+        if spent:
+            return hold(f"the payer was still paying after {values['retry_count']} queries ({result.reason})")
+        return keep_open(CloseAction.QUERY_SCHEDULED, f"{result.reason}: asking again later", needs_query=True,
+                         on_hold=False, **values)
+    assert failure is not None  # QueryVerdict.UNKNOWN: WeChat did not say
+    if purpose is QueryPurpose.HELD or failure.needs_attention:
+        return hold(f"orderquery: {result.reason}")
+    spent, values = backoff(order, settings, spends_retry=spends_retry)
+    if spent:
+        return hold(f"orderquery gave up after {values['retry_count']} attempts; last: {result.reason}", **values)
+    action = CloseAction.CONFIGURATION_ERROR if failure.halts_merchant else CloseAction.QUERY_SCHEDULED
+    return keep_open(action, result.reason, signals.close_failed, {"outcome": failure, "reason": result.reason},
+                     needs_query=True, **values)
+
+
+def after_state_moved(state: str, result: CloseResult | QueryResult, decision: Decision) -> Decision:
+    """The order left the open state while its close or query was in flight (a payment recorded meanwhile): what
+    the answer means now. Only the exchange's bookkeeping is written, and the claim given back."""
     bookkeeping = {name: decision.values[name] for name in
                    ("attempt_count", "last_attempt_at", "last_outcome", "last_error", "in_flight")}
+    if isinstance(result, QueryResult):
+        return Decision(CloseAction.CHECKED, f"the order became {state} while the query was in flight", bookkeeping)
     if state == OrderState.PAID and result.outcome is Outcome.PAID:
         return Decision(CloseAction.FOUND_PAID, "the payment was recorded while the close was in flight", bookkeeping)
     if state == OrderState.PAID and result.outcome.order_is_closed:

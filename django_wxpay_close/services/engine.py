@@ -1,5 +1,6 @@
-"""The close engine: one order from the claim to the wire and back. The sweep, the admin action and
-`close_order` all run on it.
+"""The engine: one order from the claim to the wire and back. The sweep, the admin actions, `close_order` and
+`check_orders` all run on it. What it sends for an order is a close, or a query when the order's last close could
+not tell where it stands (`needs_query`) or when the caller asks WeChat (`query`).
 
 In each process one thread (the caller's) does all the database work and a pool of workers does only HTTP:
 1. claim: one transaction takes a batch of due orders (SELECT … FOR UPDATE SKIP LOCKED, then one UPDATE that
@@ -38,8 +39,8 @@ from .. import signals
 from ..conf import CloseSettings
 from ..models import CloseAttempt, Order, OrderState, write_database
 from ..reports import CloseAction, CloseReport
-from ..wechat import CloseResult
-from .decisions import Decision, after_state_moved, decide, release
+from ..wechat import CloseResult, QueryResult
+from .decisions import Decision, QueryPurpose, after_state_moved, decide, decide_query, release
 from .jobs import Answer, Job, Unsendable, Verdict, answered, audit_answer, failed, order_result, prepare, unwritten
 from .judgement import MERCHANT_HALTED, Judgement
 
@@ -69,10 +70,17 @@ class DatabaseUnavailable(Exception):
 
 
 class Engine:
-    """One caller's closes: settings, the claim token, the judgement, and the pool."""
+    """One caller's requests: settings, the claim token, the judgement, and the pool.
 
-    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int = 1) -> None:
+    `query` makes every request an orderquery with that purpose; `chosen` closes every order (a person or the
+    shop's code chose to close them); otherwise each order gets what it needs next (`needs_query`).
+    """
+
+    def __init__(self, settings: CloseSettings, *, trigger: str, user: Any = None, workers: int = 1,
+                 query: QueryPurpose | None = None, chosen: bool = False, report: CloseReport | None = None) -> None:
         self.settings = settings
+        self.query = query
+        self.chosen = chosen
         self.trigger = trigger
         self.user = user if getattr(user, "pk", None) is not None else None
         self.actor = self.user.get_username() if self.user is not None else ""
@@ -84,8 +92,13 @@ class Engine:
         self.interrupted = False  # Ctrl-C: claim nothing more, send nothing more, record what is in flight
         self.claiming_failed = ""  # a bug in claiming would repeat for every order: the run stops
         self.failed_claims: set[int] = set()  # orders whose claim cannot be written: not tried again this run
-        self.report = CloseReport()
+        self.report = report or CloseReport()
         self._unwritten: list[Verdict | Answer] = []
+
+    def purpose_for(self, order: Order) -> QueryPurpose | None:
+        if self.query is not None:
+            return self.query
+        return QueryPurpose.SETTLE if order.needs_query and not self.chosen else None
 
     @property
     def stopping(self) -> str:
@@ -193,7 +206,7 @@ class Engine:
             why = self._why_not_send(job)
             if why:
                 return Answer(job, not_sent=why)
-            result = job.client.send(job.prepared)
+            result = job.send()
             outlived_lease = time.monotonic() >= job.lease_ends
             spends_retry = self.judgement.learn(job.order.pk, job.order.merchant, result,
                                                 outlived_lease=outlived_lease)
@@ -216,10 +229,16 @@ class Engine:
 
     def take(self, answer: Answer) -> None:
         """Decide what an answer means for its order, to be written with the next few."""
-        if answer.result is None:
+        job, result = answer.job, answer.result
+        if result is None:
             self._unwritten.append(answer)
             return
-        decision = decide(answer.job.order, answer.result, self.settings, spends_retry=answer.spends_retry)
+        if isinstance(result, QueryResult):
+            assert job.purpose is not None
+            decision = decide_query(job.order, result, self.settings, spends_retry=answer.spends_retry,
+                                    purpose=job.purpose)
+        else:
+            decision = decide(job.order, result, self.settings, spends_retry=answer.spends_retry)
         self._unwritten.append(Verdict(answer, decision))
 
     def give_back_retries(self) -> None:
@@ -354,7 +373,8 @@ class Engine:
                 self._applied(item)
         self._report(item.answer, action, reason)
 
-    def _not_applied(self, order: Order, result: CloseResult, decision: Decision) -> tuple[CloseAction, str]:
+    def _not_applied(self, order: Order, result: CloseResult | QueryResult,
+                     decision: Decision) -> tuple[CloseAction, str]:
         """An answer's UPDATE found nothing to change: the claim was taken over, or the state moved while the close
         was in flight (a payment recorded, say); then the exchange is still counted and the claim given back."""
         current = Order.objects.using(self.db).filter(pk=order.pk).values("state", "claim_token").get()

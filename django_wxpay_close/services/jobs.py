@@ -1,5 +1,5 @@
-"""What travels between the engine's database thread and its HTTP workers: a claimed order ready to send, the
-answer a worker brings back, and how an answer is stored, logged and reported."""
+"""What travels between the engine's database thread and its HTTP workers: a claimed order ready to send (a close
+or a query), the answer a worker brings back, and how an answer is stored, logged and reported."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ from typing import Any, Protocol
 from ..conf import CloseSettings
 from ..models import CloseAttempt, Order, stored_text
 from ..reports import CloseAction, OrderCloseResult
-from ..wechat import CloseOrderClient, CloseResult, InvalidRequestField, Merchant, Outcome, PreparedClose
-from .decisions import Decision, backoff
+from ..wechat import (
+    CloseOrderClient,
+    CloseResult,
+    InvalidRequestField,
+    Merchant,
+    Outcome,
+    PreparedClose,
+    PreparedQuery,
+    QueryResult,
+)
+from .decisions import Decision, QueryPurpose, backoff
 
 logger = logging.getLogger("django_wxpay_close")
 
@@ -25,7 +34,17 @@ def cached_client(merchant: Merchant, base_urls: tuple[str, ...], connect_timeou
                             max_response_bytes=max_response_bytes, pool_size=pool_size)
 
 
-def audit_answer(result: CloseResult) -> dict[str, Any]:
+def exchange_outcome(result: CloseResult | QueryResult) -> Outcome | None:
+    """A close's outcome, or a query's failure (None: WeChat answered the query with a trade_state)."""
+    return result.outcome if isinstance(result, CloseResult) else result.failure
+
+
+def audit_answer(result: CloseResult | QueryResult) -> dict[str, Any]:
+    """An answer as its audit row stores it."""
+    if isinstance(result, QueryResult):
+        outcome, trade_state = result.outcome_value, result.trade_state.value if result.trade_state else ""
+    else:
+        outcome, trade_state = result.outcome.value, ""
     return {
         "url": result.url[:300],
         "failed_over_from": (result.failed_over_from or "")[:300],
@@ -38,29 +57,38 @@ def audit_answer(result: CloseResult) -> dict[str, Any]:
         "err_code": result.err_code[:32],
         "err_code_des": result.err_code_des[:128],
         "signature_verified": result.signature_verified,
-        "outcome": result.outcome.value,
+        "outcome": outcome,
+        "trade_state": trade_state,
         "reason": result.reason,
     }
 
 
-def order_result(order: Order, action: CloseAction, reason: str = "", *, result: CloseResult | None = None,
-                  attempt: CloseAttempt | None = None) -> OrderCloseResult:
+def order_result(order: Order, action: CloseAction, reason: str = "", *,
+                 result: CloseResult | QueryResult | None = None, attempt: CloseAttempt | None = None
+                 ) -> OrderCloseResult:
     return OrderCloseResult(
         order_id=order.pk, out_trade_no=order.out_trade_no, merchant=order.merchant, action=action, reason=reason,
-        outcome=result.outcome if result else None, attempt_id=attempt.pk if attempt else None,
+        outcome=exchange_outcome(result) if result else None, attempt_id=attempt.pk if attempt else None,
         duration=result.elapsed if result else 0.0, url=result.url if result else "",
     )
 
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed order whose audit row is committed and whose signed request is ready to leave."""
+    """A claimed order whose audit row is committed and whose signed request (a close, or a query with its
+    purpose) is ready to leave."""
 
     order: Order
     attempt: CloseAttempt
     client: CloseOrderClient
-    prepared: PreparedClose
+    prepared: PreparedClose | PreparedQuery
     lease_ends: float  # time.monotonic() by which the lease has surely ended (measured from before the claim)
+    purpose: QueryPurpose | None = None  # a query's: what its answer may change
+
+    def send(self) -> CloseResult | QueryResult:
+        if isinstance(self.prepared, PreparedQuery):
+            return self.client.query(self.prepared)
+        return self.client.send(self.prepared)
 
 
 @dataclass(frozen=True)
@@ -78,7 +106,7 @@ class Answer:
     """What a worker brings back: WeChat's answer, or why the request was not sent."""
 
     job: Job
-    result: CloseResult | None = None
+    result: CloseResult | QueryResult | None = None
     not_sent: str = ""
     outlived_lease: bool = False  # the exchange ended after the lease: another close may have the order now
     spends_retry: bool = False  # a failure spends one of the order's retries (the run's judgement)
@@ -102,6 +130,9 @@ class Caller(Protocol):
     actor: str
     workers: int
 
+    def purpose_for(self, order: Order) -> QueryPurpose | None:
+        """Why to ask WeChat about this claimed order, or None to close it."""
+
 
 def prepare(order: Order, caller: Caller, lease_ends: float) -> Job | Unsendable:
     """Check a claimed order and sign its request, with its audit row ready to insert; or say why it cannot be
@@ -116,8 +147,11 @@ def prepare(order: Order, caller: Caller, lease_ends: float) -> Job | Unsendable
                            **values})
     client = cached_client(settings.merchants[order.merchant].merchant, settings.base_urls, settings.connect_timeout,
                            settings.read_timeout, settings.max_response_bytes, caller.workers)
+    purpose = caller.purpose_for(order)
+    overrides = {"sub_mch_id": order.sub_mch_id, "sub_appid": order.sub_appid or None}
     try:
-        prepared = client.prepare(order.out_trade_no, sub_mch_id=order.sub_mch_id, sub_appid=order.sub_appid or None)
+        prepared: PreparedClose | PreparedQuery = client.prepare(order.out_trade_no, **overrides) \
+            if purpose is None else client.prepare_query(order.out_trade_no, **overrides)
     except InvalidRequestField as exc:
         unbuildable = f"cannot build the request: {exc}"
         return Unsendable(order, CloseAction.PUT_ON_HOLD, unbuildable,
@@ -125,9 +159,10 @@ def prepare(order: Order, caller: Caller, lease_ends: float) -> Job | Unsendable
     attempt = CloseAttempt(
         order=order, merchant=order.merchant, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
         out_trade_no=order.out_trade_no, trigger=caller.trigger, user=caller.user, actor=caller.actor,
-        url=client.urls[0], sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
+        api=prepared.api, url=(client.urls if purpose is None else client.query_urls)[0],
+        sign_type=prepared.sign_type.value, request_xml=prepared.body.decode("utf-8"),
     )
-    return Job(order, attempt, client, prepared, lease_ends)
+    return Job(order, attempt, client, prepared, lease_ends, purpose)
 
 
 def _configuration_problem(order: Order, settings: CloseSettings) -> str:
@@ -145,10 +180,11 @@ def answered(answer: Answer, action: CloseAction, reason: str) -> OrderCloseResu
     """An answer written: one INFO line, and the result to report."""
     order, result = answer.job.order, answer.result
     assert result is not None
+    outcome = audit_answer(result)["outcome"]
     logger.info(
-        "closeorder %s: %s%s", order.out_trade_no, result.outcome.value, f" ({reason})" if reason else "",
-        extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant,
-               "outcome": result.outcome.value, "action": action.value, "duration_ms": round(result.elapsed * 1000),
+        "%s %s: %s%s", result.api, order.out_trade_no, outcome, f" ({reason})" if reason else "",
+        extra={"order_id": order.pk, "out_trade_no": order.out_trade_no, "merchant": order.merchant, "api": result.api,
+               "outcome": outcome, "action": action.value, "duration_ms": round(result.elapsed * 1000),
                "attempt_id": answer.job.attempt.pk},
     )
     return order_result(order, action, reason, result=result, attempt=answer.job.attempt)
@@ -166,11 +202,12 @@ def unwritten(answer: Answer, why: str, exc: BaseException | None) -> OrderClose
     """An answer that cannot be written (the database is away, or refuses it) is logged whole, never dropped;
     its row stays unfinished, and the order is closed again once its claim lapses."""
     order, result = answer.job.order, answer.result
+    outcome = audit_answer(result)["outcome"] if result else ""
     logger.error(
-        "Could not record the answer to closeorder %s (outcome %s): %s. Its audit row stays unfinished and the order "
-        "is closed again once its claim lapses. Response body: %s", order.out_trade_no,
-        result.outcome.value if result else "not sent", why, stored_text(result.response_body) if result else "",
+        "Could not record the answer to %s %s (outcome %s): %s. Its audit row stays unfinished and the order is "
+        "looked at again once its claim lapses. Response body: %s", answer.job.prepared.api, order.out_trade_no,
+        outcome or "not sent", why, stored_text(result.response_body) if result else "",
         exc_info=exc, extra={"order_id": order.pk, "out_trade_no": order.out_trade_no,
-                             "attempt_id": answer.job.attempt.pk, "outcome": result.outcome.value if result else ""},
+                             "attempt_id": answer.job.attempt.pk, "outcome": outcome},
     )
     return order_result(order, CloseAction.FAILED, why, result=result, attempt=answer.job.attempt)

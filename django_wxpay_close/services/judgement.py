@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from django.utils.translation import gettext_noop
 
-from ..wechat import CloseResult, Outcome
+from ..wechat import CloseResult, Outcome, QueryResult
 
 logger = logging.getLogger("django_wxpay_close")
 
@@ -51,24 +51,29 @@ class Judgement:
         self._recent: deque[_Exchange] = deque(maxlen=BREAKER_WINDOW)
         self._lock = threading.Lock()
 
-    def learn(self, order_id: int, merchant: str, result: CloseResult, *, outlived_lease: bool) -> bool:
-        """Note one answer; returns whether, if it is a failure, it spends one of the order's retries."""
+    def learn(self, order_id: int, merchant: str, result: CloseResult | QueryResult, *,
+              outlived_lease: bool) -> bool:
+        """Note one answer (a close's or a query's); returns whether, if it is a failure, it spends one of the
+        order's retries."""
+        outcome = result.outcome if isinstance(result, CloseResult) else result.failure
         with self._lock:
-            if result.outcome is Outcome.CONFIGURATION_ERROR:
+            if outcome is Outcome.CONFIGURATION_ERROR:
                 self._configuration_error(merchant, result.reason)
             elif result.signature_verified:  # a verified answer proves the key and sign type work
                 self._configuration_errors[merchant] = 0
             if outlived_lease:  # the process was paused or starved: the exchange says nothing about WeChat
                 return False
             spends_retry = not self.unreachable
-            self._recent.append(_Exchange(order_id, result.outcome.failed_in_transport, spends_retry))
+            failed_in_transport = outcome is not None and outcome.failed_in_transport
+            self._recent.append(_Exchange(order_id, failed_in_transport, spends_retry))
             failures = sum(exchange.failed_in_transport for exchange in self._recent)
             if self.unreachable or len(self._recent) < BREAKER_MIN_EXCHANGES or \
                     failures < BREAKER_SHARE * len(self._recent):
                 return spends_retry
             self.unreachable = (f"WeChat looks unreachable: {failures} of the last {len(self._recent)} requests "
                                 f"failed in transport (last: {result.reason})")
-            logger.error("Stopping the run early: %s", self.unreachable, extra={"outcome": result.outcome.value})
+            logger.error("Stopping the run early: %s", self.unreachable,
+                         extra={"outcome": outcome.value if outcome else ""})
             self.given_back = [exchange.order_id for exchange in self._recent
                                if exchange.failed_in_transport and exchange.spent_retry]
             return spends_retry

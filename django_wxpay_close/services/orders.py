@@ -26,9 +26,20 @@ def lift_hold(orders: Iterable[Order]) -> int:
     ids = [order.pk for order in orders]
     using = write_database()
     lifted = Order.objects.using(using).filter(pk__in=ids, state=OrderState.OPEN, on_hold=True).update(
-        on_hold=False, retry_count=0, due_at=Now())
+        on_hold=False, retry_count=0, query_count=0, needs_query=False, due_at=Now())
     return lifted + Order.objects.using(using).filter(pk__in=ids, on_hold=True).exclude(
         state=OrderState.OPEN).update(on_hold=False)
+
+
+def paid_amount_mismatch(order: Order, *, total_fee: str, total_fee_amount: int | None, fee_type: str) -> str:
+    """Why a payment WeChat reports (a notification, an order query) is not for the order's amount and currency:
+    "" when it is, or the order has no amount or currency to compare."""
+    problems = []
+    if order.amount is not None and total_fee_amount != order.amount:
+        problems.append(f"total_fee {total_fee[:20]!r} but the order's amount is {order.amount}")
+    if order.currency and fee_type.upper() != order.currency.upper():
+        problems.append(f"fee_type {fee_type[:16]!r} but the order's currency is {order.currency!r}")
+    return "; ".join(problems)
 
 
 def create_order(

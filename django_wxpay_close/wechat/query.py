@@ -95,6 +95,11 @@ class QueryResult(AnswerFields):
     api: str = "orderquery"
 
     @property
+    def outcome_value(self) -> str:
+        """What an audit trail stores as the exchange's outcome: the failure's, else the verdict's."""
+        return self.failure.value if self.failure is not None else self.verdict.value
+
+    @property
     def transaction_id(self) -> str:
         return self.response_fields.get("transaction_id", "") if self.failure is None else ""
 

@@ -147,6 +147,9 @@ class Command(BaseCommand):
         parser.add_argument("--older-than", type=_duration_argument, metavar="DURATION",
                             help=gettext("Only orders whose deadline passed at least this long ago "
                                          "(90s, 30m, 2h, 1d)."))
+        parser.add_argument("--check-held", action="store_true",
+                            help=gettext("First ask WeChat (orderquery) about every open order on hold and settle "
+                                         "what its answer settles; then sweep."))
         parser.add_argument("--json", action="store_true",
                             help=gettext("Print the summary as JSON (nothing else on stdout)."))
         parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
@@ -200,7 +203,7 @@ class Command(BaseCommand):
             report = sweep_expired_orders(
                 merchants=options["merchants"], older_than=options["older_than"], limit=options["limit"],
                 batch_size=options["batch_size"], workers=options["workers"], dry_run=options["dry_run"],
-                on_result=seen.add,
+                check_held=options["check_held"], on_result=seen.add,
             )
             return summarise(report, dry_run=options["dry_run"])
         except ImproperlyConfigured as exc:  # settings that changed since the check, or a backend's own

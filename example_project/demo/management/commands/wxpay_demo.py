@@ -1,8 +1,8 @@
 """`manage.py wxpay_demo`: the quick start's main job, end to end, on the loopback simulator.
 
 Creates a realistic mix of orders (expired and open, already paid at WeChat, already closed, too young,
-hitting SYSTEMERROR first, unknown to WeChat, still in their payment window), runs `close_expired_orders`
-twice (the second time after "fast-forwarding" the retry schedule), and prints where every order ended
+hitting SYSTEMERROR first, answered with an unsigned body that a query then settles, unknown to WeChat, still in
+their payment window), runs `close_expired_orders` twice (the second time after "fast-forwarding" the retry schedule), and prints where every order ended
 beside where its scenario says it should, and what the audit trail holds.
 
 Each run stands alone. `--fresh-database` (scripts/demo passes it on SQLite) deletes the SQLite file and
@@ -72,6 +72,12 @@ SCENARIOS: list[Scenario] = [
     Scenario("closed at WeChat already", 2, RemoteState.CLOSED, 60 * MINUTE, -30 * MINUTE, OrderState.CLOSED),
     Scenario("SYSTEMERROR first", 2, RemoteState.NOTPAY, 60 * MINUTE, -30 * MINUTE, OrderState.CLOSED,
              fault=Fault.SYSTEMERROR),
+    # An unsigned answer cannot be believed: instead of putting the order on hold, the second sweep asks WeChat
+    # (orderquery), and its signed answer settles the order: closed (by someone before us), or paid.
+    Scenario("unsigned answer, closed", 1, RemoteState.CLOSED, 60 * MINUTE, -30 * MINUTE, OrderState.CLOSED,
+             fault=Fault.UNSIGNED),
+    Scenario("unsigned answer, paid", 1, RemoteState.PAID, 60 * MINUTE, -30 * MINUTE, OrderState.PAID,
+             fault=Fault.UNSIGNED),
     # Retried with backoff; it becomes "never known to WeChat" only after MAX_ATTEMPTS, beyond this demo.
     Scenario("unknown to WeChat", 1, None, 60 * MINUTE, -30 * MINUTE, OrderState.OPEN),
     Scenario("too young to close", 2, RemoteState.NOTPAY, 2 * MINUTE, -1 * MINUTE, OrderState.OPEN),
@@ -152,9 +158,9 @@ class Command(BaseCommand):
                     out_trade_no=f"{prefix}-{scenario_number}{n}", amount=100 * (n + 1), currency="HKD",
                     created_at=now - scenario.age, payment_deadline=now + scenario.deadline,
                 )
-                if scenario.remote is not None:
+                if scenario.remote is not None:  # what a query reports once it is paid: the order's amount
                     simulator.add_order(order.out_trade_no, mch_id=order.mch_id, sub_mch_id=order.sub_mch_id,
-                                        state=scenario.remote)
+                                        state=scenario.remote, total_fee=order.amount or 0, fee_type=order.currency)
                 if scenario.fault is not None:
                     simulator.inject(scenario.fault, out_trade_no=order.out_trade_no, times=1)
                 created.append((order, scenario))
@@ -175,12 +181,14 @@ class Command(BaseCommand):
         """Prints the table and the audit figures; returns what does not add up (nothing, normally)."""
         problems: list[str] = []
         self.stdout.write(self.style.MIGRATE_HEADING("Where every order ended:"))
-        self.stdout.write(f"{'out_trade_no':<18} {'scenario':<26} {'state':<24} {'attempts':>8}  last outcome")
+        self.stdout.write(f"{'out_trade_no':<18} {'scenario':<26} {'state':<24} {'requests':>8}  last answer")
         for order, scenario in orders:
             order.refresh_from_db()
+            last = order.close_attempts.order_by("-pk").first()
+            answer = f"{last.api}: {order.last_outcome}" if last is not None and order.last_outcome else "-"
             self.stdout.write(
                 f"{order.out_trade_no:<18} {scenario.name:<26} {order.get_state_display():<24} "
-                f"{order.attempt_count:>8}  {order.last_outcome or '-'}"
+                f"{order.attempt_count:>8}  {answer}"
             )
             if order.state != scenario.ends:
                 problems.append(f"{order.out_trade_no} ({scenario.name}) is {order.get_state_display()}, "
@@ -189,13 +197,15 @@ class Command(BaseCommand):
             self.stdout.write(f"All {len(orders)} orders ended where their scenario says.")
         attempts = CloseAttempt.objects.filter(order__in=[o for o, _ in orders])
         rows, unfinished = attempts.count(), attempts.unfinished().count()
+        queries = attempts.filter(api="orderquery").count()
         if rows == requests_received and not unfinished:
             self.stdout.write(
-                f"The simulator received {requests_received} closeorder requests and the audit trail holds "
-                f"{rows} rows for this run's orders: one per request, none unfinished.")
+                f"The simulator received {requests_received} requests ({rows - queries} closeorder, {queries} "
+                f"orderquery) and the audit trail holds {rows} rows for this run's orders: one per request, none "
+                "unfinished.")
         else:
-            problems.append(f"the simulator received {requests_received} closeorder requests, but the audit trail "
-                            f"holds {rows} rows for this run's orders ({unfinished} unfinished)")
+            problems.append(f"the simulator received {requests_received} requests, but the audit trail holds {rows} "
+                            f"rows for this run's orders ({unfinished} unfinished)")
         return problems
 
     def _show_walkthrough(self, orders: list[tuple[Order, Scenario]]) -> None:
