@@ -417,3 +417,31 @@ def test_reorder_when_wechat_cannot_say_either_says_try_again_later(make_order, 
 
     assert answer.verdict is ReorderVerdict.UNKNOWN and answer.order.state == OrderState.OPEN
     assert simulator.query_requests_for(order.out_trade_no) == 1
+
+
+# -- the same care as closes: claims across sweepers ---------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_sweeper_processes_and_a_person_checking_never_have_two_queries_of_one_order_in_flight(
+        make_order, simulator, start_sweeper, wxpay_settings):
+    wxpay_settings.update(READ_TIMEOUT=10.0, WORKERS=4)
+    orders = [make_order() for _ in range(60)]
+    Order.objects.update(needs_query=True)  # every one's last close could not tell
+    simulator.latency = 0.02
+
+    sweepers = [start_sweeper("--workers", "4") for _ in range(3)]
+    checked = check_orders(Order.objects.order_by("pk")[:30], workers=4)
+    outputs = [sweeper.communicate(timeout=60) for sweeper in sweepers]
+
+    assert [sweeper.returncode for sweeper in sweepers] == [0, 0, 0], [err for _, err in outputs]
+    swept = sum(json.loads(out)["by_action"].get("retry_scheduled", 0) for out, _ in outputs)
+    assert swept == 60 and checked.total == 30  # the sweepers asked about every order once, whoever checked too
+    # Still payable, each was closed again, by whichever sweeper came next: once.
+    assert set(simulator.close_request_counts().values()) <= {1}
+    rows = CloseAttempt.objects.filter(api="orderquery")
+    assert CloseAttempt.objects.count() == len(simulator.requests) and not CloseAttempt.objects.unfinished().exists()
+    for order in orders:  # a person's check and a sweeper's query of one order never overlap
+        windows = list(rows.filter(order=order).order_by("started_at").values_list("started_at", "completed_at"))
+        assert all(earlier[1] <= later[0] for earlier, later in zip(windows, windows[1:])), order.out_trade_no

@@ -30,6 +30,7 @@ from django_wxpay_close.models import CloseAttempt, Order, OrderState
 from django_wxpay_close.services import ABANDONED, CloseAction, close_order, sweep_expired_orders
 from django_wxpay_close.services.engine import STOPPING
 from django_wxpay_close.services.judgement import BREAKER_MIN_EXCHANGES
+from django_wxpay_close.testing import OrderState as RemoteState
 from django_wxpay_close.testing import MCH_ID, SUB_MCH_ID, Fault, OrderKey, WeChatPaySimulator
 from django_wxpay_close.wechat import Outcome
 
@@ -208,6 +209,36 @@ def test_terminated_database_connections_lose_no_answer(
                for reason in CloseAttempt.objects.filter(outcome="").values_list("reason", flat=True))
     reliability_figures(orders=len(orders), connections_terminated=terminated, requests=len(simulator.requests),
                         answers_lost=0, rows_settled_as_abandoned=CloseAttempt.objects.filter(reason=ABANDONED).count())
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_terminated_database_connections_lose_no_query_answer(
+    wxpay_settings: dict[str, Any], make_order: Callable[..., Order], simulator: WeChatPaySimulator,
+    start_sweeper: Callable[..., Any], on_postgres: bool,
+) -> None:
+    if not on_postgres:
+        pytest.skip("connections are terminated with pg_terminate_backend")
+    wxpay_settings.update(CLAIM_TIMEOUT=timedelta(seconds=4))
+    orders = [make_order(remote=RemoteState.CLOSED) for _ in range(40)]
+    Order.objects.update(needs_query=True)  # each one's last close could not tell: the sweep asks WeChat
+    simulator.latency = 0.3
+    sweeper = start_sweeper("--workers", "6", log_level="WARNING")
+    wait_for(lambda: len(simulator.requests) >= 10, timeout=20)
+    terminate_other_connections()
+    status, _, err = finished(sweeper)
+    time.sleep(4.5)  # a claim whose acknowledgement was lost lapses: the next run takes its orders
+    assert run_command()[0] == 0
+
+    assert status == 0, err
+    assert "Lost the database connection" in err and "Traceback" not in err
+    assert set(Order.objects.values_list("state", flat=True)) == {OrderState.CLOSED}
+    assert simulator.close_request_counts() == {}
+    for order in orders:  # every answer WeChat sent is on its row
+        received = [r.answer for r in simulator.requests if r.out_trade_no == order.out_trade_no]
+        answered = CloseAttempt.objects.filter(order=order).exclude(outcome="").order_by("started_at", "pk")
+        assert [row.trade_state for row in answered] == received
+    assert not CloseAttempt.objects.unfinished().exists()
 
 
 @pytest.mark.postgres
