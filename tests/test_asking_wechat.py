@@ -272,6 +272,23 @@ def test_check_held_does_not_close_again_an_order_whose_close_after_a_query_was_
     assert "still payable" in order.last_error and simulator.query_requests_for(order.out_trade_no) == 2
 
 
+def test_check_held_lifts_the_hold_of_an_order_whose_payer_is_paying_and_asks_again_later(
+        make_order, simulator, wxpay_settings):
+    wxpay_settings["MAX_ATTEMPTS"] = 1
+    order = make_order()
+    simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no, api="orderquery")
+    closed_unclearly(order, simulator)
+    sweep_expired_orders()  # the query fails and its only retry is spent: on hold
+    assert refreshed(order).on_hold and refreshed(order).retry_count == 1
+    wxpay_settings["MAX_ATTEMPTS"] = 2
+    set_remote(simulator, order, RemoteState.USERPAYING)
+
+    assert run_sweep("--check-held").summary["by_action"] == {"query_scheduled": 1}
+
+    order = refreshed(order)
+    assert not order.on_hold and order.needs_query and order.due_at > timezone.now() and order.retry_count == 1
+
+
 def test_check_held_asks_about_each_held_order_once_per_run(make_order, simulator):
     held = [held_by_a_client_bug(make_order, simulator) for _ in range(5)]
     for order in held:
@@ -406,17 +423,6 @@ def test_reorder_while_the_payer_is_paying_says_try_again_later(make_order, simu
 
     assert answer.verdict is ReorderVerdict.UNKNOWN and answer.retry_at is not None
     assert "USERPAYING" in answer.reason and simulator.close_requests_for(order.out_trade_no) == 1
-
-
-def test_reorder_when_wechat_cannot_say_either_says_try_again_later(make_order, simulator):
-    order = make_order()
-    for api in ("closeorder", "orderquery"):
-        simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no, api=api)
-
-    answer = close_before_reorder(order)
-
-    assert answer.verdict is ReorderVerdict.UNKNOWN and answer.order.state == OrderState.OPEN
-    assert simulator.query_requests_for(order.out_trade_no) == 1
 
 
 # -- the same care as closes: claims across sweepers ---------------------------------------------------------

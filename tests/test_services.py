@@ -586,9 +586,20 @@ def test_before_a_reorder_a_just_created_order_says_when_it_can_be_closed(make_o
     assert answer.retry_at == order.created_at + timedelta(minutes=5)
 
 
-def test_before_a_reorder_an_unknown_outcome_says_retry(make_order, simulator):
-    order = make_order()
+def test_a_persons_close_of_an_order_whose_retries_were_spent_starts_a_fresh_retry_budget(make_order, simulator):
+    order = make_order(on_hold=True, retry_count=3, attempt_count=3)  # held after MAX_ATTEMPTS failures
     simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no)
+
+    result = close_order(order)
+
+    assert result.action is CloseAction.RETRY_SCHEDULED
+    assert order.retry_count == 1 and not order.on_hold and order.state == OrderState.OPEN
+
+
+def test_before_a_reorder_an_outcome_that_wechat_cannot_tell_either_says_retry(make_order, simulator):
+    order = make_order()
+    for api in ("closeorder", "orderquery"):  # the close, and the query that follows it
+        simulator.inject(Fault.SYSTEMERROR, out_trade_no=order.out_trade_no, api=api)
     answer = close_before_reorder(order)
     assert answer.verdict is ReorderVerdict.UNKNOWN and not answer.may_create_new_order
     assert answer.retry_at == answer.order.due_at and answer.order.state == OrderState.OPEN

@@ -203,7 +203,7 @@ def _check_held(engine: Engine, merchants: list[str] | None) -> None:
         candidates = orders_on_hold(merchants=merchants, using=engine.db).filter(_NOT_IN_FLIGHT)
         if last is not None:  # keyset: each batch starts after the last one, whatever was skipped or locked
             candidates = candidates.filter(Q(created_at__gt=last[0]) | Q(created_at=last[0], pk__gt=last[1]))
-        jobs, claimed = engine.claim(candidates, size)
+        jobs, claimed = engine.claim(candidates, size, retry_count=0)  # a query of a held order starts afresh
         if not claimed:
             return None
         last = max((order.created_at, order.pk) for order in claimed)

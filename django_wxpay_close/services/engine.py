@@ -151,6 +151,9 @@ class Engine:
                 Order.objects.using(self.db).filter(pk__in=[order.pk for order in orders]).update(
                     claim_token=self.token, in_flight=True, due_at=Now() + self.settings.claim_timeout, **values)
                 lapsed = [order.pk for order in orders if order.in_flight]
+                for order in orders:  # as the claim left them (a fresh retry budget, say): answers are decided on it
+                    for name, value in values.items():
+                        setattr(order, name, value)
                 if lapsed:  # rows an earlier holder left unfinished: no answer will come for them now
                     CloseAttempt.objects.using(self.db).filter(order__in=lapsed).complete(reason=ABANDONED)
                 jobs: list[Job] = []
