@@ -46,12 +46,21 @@ def orders_due_for_closing(
     return queryset.order_by("due_at", "id")
 
 
-def orders_on_hold(*, merchants: Collection[str] | None = None, using: str | None = None) -> QuerySet[Order]:
-    """Open orders on hold, the oldest first: what `--check-held` asks WeChat about. Served by the attention
-    index, which holds only the orders on hold (and the few refused for configuration)."""
-    queryset = Order.objects.using(using or write_database()).filter(state=OrderState.OPEN, on_hold=True)
+# Claimable now: no close or query in flight, or its lease has lapsed (on the database's clock).
+NOT_IN_FLIGHT = Q(in_flight=False) | Q(due_at__lte=Now())
+
+
+def orders_on_hold(*, merchants: Collection[str] | None = None, after: tuple[datetime, int] | None = None,
+                   using: str | None = None) -> QuerySet[Order]:
+    """Open orders on hold and not in flight, the oldest first (after `after`, a (created_at, id) already seen):
+    what `--check-held` asks WeChat about. Served by the attention index, which holds only the orders on hold
+    (and the few refused for configuration)."""
+    queryset = Order.objects.using(using or write_database()).filter(
+        NOT_IN_FLIGHT, state=OrderState.OPEN, on_hold=True)
     if merchants is not None:
         queryset = queryset.filter(merchant__in=merchants)
+    if after is not None:  # keyset: each batch starts after the last, whatever was skipped or locked
+        queryset = queryset.filter(Q(created_at__gt=after[0]) | Q(created_at=after[0], pk__gt=after[1]))
     return queryset.order_by("created_at", "id")
 
 

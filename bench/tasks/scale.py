@@ -254,13 +254,19 @@ def _write_cost(connection: Any, *, rows: int, repeats: int, scratch_rows: int) 
 
 def _sweep_queries() -> list[dict[str, Any]]:
     """The sweep's own queries at this size, EXPLAIN ANALYZEd: the claim of a batch (as 32 workers take it), a
-    dry run's first chunk, and the two reads of the end-of-run "N orders wait for a retry" summary."""
+    dry run's first chunk, the two reads of the end-of-run "N orders wait for a retry" summary, and the claim of
+    `--check-held` (the orders on hold, oldest first)."""
     import re
 
     from django.db import transaction
 
     from django_wxpay_close.conf import load_settings
-    from django_wxpay_close.selectors import WAITING_COUNT_LIMIT, orders_due_for_closing, orders_waiting
+    from django_wxpay_close.selectors import (
+        WAITING_COUNT_LIMIT,
+        orders_due_for_closing,
+        orders_on_hold,
+        orders_waiting,
+    )
 
     due = orders_due_for_closing(min_order_age=load_settings().min_order_age)
     queries = {
@@ -268,6 +274,7 @@ def _sweep_queries() -> list[dict[str, Any]]:
         "dry run, first chunk of 100": due[:100],
         "orders waiting for a retry, counted up to the bound": orders_waiting().order_by()[:WAITING_COUNT_LIMIT + 1],
         "the next retry's time": orders_waiting().order_by("due_at")[:1],
+        "--check-held claim (64 orders on hold)": orders_on_hold().select_for_update(skip_locked=True)[:64],
     }
     plans = []
     for name, queryset in queries.items():

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from itertools import chain
 from typing import Any
 
-from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -18,6 +17,7 @@ from ..models import Order, OrderState, Trigger, write_database
 from ..reports import CloseAction, CloseReport, OrderCloseResult
 from ..selectors import (
     CLAIMED_ELSEWHERE,
+    NOT_IN_FLIGHT,
     NOT_OPEN,
     TOO_YOUNG,
     orders_due_for_closing,
@@ -27,9 +27,6 @@ from ..selectors import (
 from .decisions import QueryPurpose
 from .engine import DatabaseUnavailable, Engine
 from .jobs import Job, order_result
-
-# Claimable now: not in flight, or its lease has lapsed (on the database's clock).
-_NOT_IN_FLIGHT = Q(in_flight=False) | Q(due_at__lte=Now())
 
 
 def _run_chosen(engine: Engine, orders: Iterable[Order], **claim_values: Any) -> CloseReport:
@@ -42,7 +39,7 @@ def _run_chosen(engine: Engine, orders: Iterable[Order], **claim_values: Any) ->
         if not batch:
             return None
         candidates = Order.objects.using(engine.db).filter(
-            _NOT_IN_FLIGHT, pk__in=[order.pk for order in batch], state=OrderState.OPEN).order_by("pk")
+            NOT_IN_FLIGHT, pk__in=[order.pk for order in batch], state=OrderState.OPEN).order_by("pk")
         if closing:
             candidates = candidates.filter(created_at__lte=Now() - engine.settings.min_order_age)
         jobs, claimed = engine.claim(candidates, len(batch), **claim_values)
@@ -200,9 +197,7 @@ def _check_held(engine: Engine, merchants: list[str] | None) -> None:
 
     def next_batch(size: int) -> list[Job] | None:
         nonlocal last
-        candidates = orders_on_hold(merchants=merchants, using=engine.db).filter(_NOT_IN_FLIGHT)
-        if last is not None:  # keyset: each batch starts after the last one, whatever was skipped or locked
-            candidates = candidates.filter(Q(created_at__gt=last[0]) | Q(created_at=last[0], pk__gt=last[1]))
+        candidates = orders_on_hold(merchants=merchants, after=last, using=engine.db)
         jobs, claimed = engine.claim(candidates, size, retry_count=0)  # a query of a held order starts afresh
         if not claimed:
             return None
