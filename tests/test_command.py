@@ -91,10 +91,11 @@ def test_a_configuration_error_exits_non_zero_for_cron_monitoring(make_order, wx
         run()
 
 
-def test_an_untrusted_answer_exits_non_zero(make_order, simulator):
+def test_an_order_that_wechat_cannot_settle_exits_non_zero(make_order, simulator):
     make_order()
     simulator.inject(Fault.UNSIGNED)
     simulator.inject(Fault.UNSIGNED, api="orderquery")  # WeChat, asked, cannot settle it either
+    run()  # the untrusted close: the next run asks WeChat
     with pytest.raises(CommandError, match="1 needs attention"):
         run()
 
@@ -120,6 +121,7 @@ def test_each_kind_of_problem_has_an_exit_status_of_its_own(make_order, wxpay_se
     make_order()
     simulator.inject(Fault.UNSIGNED)
     simulator.inject(Fault.UNSIGNED, api="orderquery")
+    run()
     with pytest.raises(CommandError) as on_hold:
         run()
     wxpay_settings["MERCHANTS"]["default"]["SIGN_TYPE"] = "SHA1"

@@ -219,8 +219,7 @@ def test_ctrl_c_is_never_forgiven_by_no_fail_on_error(
     for _ in range(40):  # 20 s of work at least: the Ctrl-C comes long before the end
         make_order()
     wxpay_settings["READ_TIMEOUT"] = 5.0  # every answer arrives in time
-    simulator.inject(Fault.UNSIGNED, times=None)  # every answer untrusted: each order is put on hold (4) ...
-    simulator.inject(Fault.UNSIGNED, times=None, api="orderquery")  # ... once the query cannot tell either
+    simulator.inject(Fault.XML_FORMAT_ERROR, times=None)  # every request refused as malformed: each order on hold (4)
     simulator.latency = 1.0
     sweep = start_in_terminal("--workers", "2", "--json", "--no-fail-on-error")
     wait_for(lambda: Order.objects.filter(on_hold=True).exists(), timeout=30)
