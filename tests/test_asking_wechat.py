@@ -91,14 +91,16 @@ def test_a_query_that_says_closed_settles_the_order_as_closed_and_says_so(make_o
     assert signal["attempt"] == queries(order)[0]
 
 
-def test_a_query_that_says_revoked_settles_the_order_as_closed(make_order, simulator):
+@pytest.mark.parametrize("answer, settled_as", [(Fault.REVOKED, OrderState.CLOSED), (Fault.REFUND, OrderState.PAID)])
+def test_a_query_that_says_revoked_or_refund_settles_the_order_as_closed_or_paid(
+        make_order, simulator, answer, settled_as):
     order = make_order()
     closed_unclearly(order, simulator)
-    simulator.inject(Fault.REVOKED, out_trade_no=order.out_trade_no, api="orderquery")
+    simulator.inject(answer, out_trade_no=order.out_trade_no, api="orderquery")
 
     sweep_expired_orders()
 
-    assert refreshed(order).state == OrderState.CLOSED and queries(order)[0].trade_state == "REVOKED"
+    assert refreshed(order).state == settled_as and queries(order)[0].trade_state == answer.value
 
 
 def test_a_query_that_says_paid_for_the_orders_amount_marks_it_paid(make_order, simulator, settled):
@@ -111,16 +113,6 @@ def test_a_query_that_says_paid_for_the_orders_amount_marks_it_paid(make_order, 
     order = refreshed(order)
     assert order.state == OrderState.PAID and order.paid_at is not None and order.closed_at is None
     assert [(s["signal"], s["state"], s["trade_state"]) for s in settled] == [("settled", "paid", "SUCCESS")]
-
-
-def test_a_query_that_says_refund_marks_the_order_paid(make_order, simulator):
-    order = make_order()
-    closed_unclearly(order, simulator)
-    simulator.inject(Fault.REFUND, out_trade_no=order.out_trade_no, api="orderquery")
-
-    sweep_expired_orders()
-
-    assert refreshed(order).state == OrderState.PAID and queries(order)[0].trade_state == "REFUND"
 
 
 def test_a_query_that_says_paid_for_another_amount_marks_nothing_paid_and_puts_the_order_on_hold(
