@@ -71,8 +71,10 @@ def _close_order(order_id: int) -> dict[str, Any]:
 def _sweep_expired_orders(
     *, merchants: list[str] | None = None, older_than: float | None = None, limit: int | None = None,
     batch_size: int | None = None, workers: int | None = None, dry_run: bool = False, fail_on_error: bool = True,
+    check_held: bool = False,
 ) -> dict[str, Any]:
-    """The `close_expired_orders` sweep; `older_than` in seconds (task arguments must be JSON).
+    """The `close_expired_orders` sweep; `older_than` in seconds (task arguments must be JSON); `check_held` as
+    the command's `--check-held`.
 
     Like the command's non-zero exit, a run with problems (configuration error, orders put on hold, unexpected
     failures) raises `SweepProblems` unless `fail_on_error=False`, so the task shows as failed in monitoring.
@@ -80,6 +82,7 @@ def _sweep_expired_orders(
     report = sweep_expired_orders(
         trigger=Trigger.CODE, merchants=merchants, limit=limit, batch_size=batch_size, workers=workers,
         dry_run=dry_run, older_than=timedelta(seconds=older_than) if older_than is not None else None,
+        check_held=check_held,
     )
     if report.has_alarms and fail_on_error:
         raise SweepProblems(f"sweep_expired_orders finished with problems: {report.sentence()}")

@@ -80,6 +80,14 @@ def test_sweep_task_takes_older_than_in_seconds(celery_app, make_order, simulato
     assert [request.out_trade_no for request in simulator.requests] == [old.out_trade_no]
 
 
+def test_sweep_task_checks_held_orders_at_wechat_like_the_command(celery_app, make_order):
+    make_order(remote=RemoteState.CLOSED, on_hold=True)
+
+    result = sweep_expired_orders_task.delay(check_held=True).get()
+
+    assert result["by_action"] == {"already_closed": 1} and Order.objects.get().state == OrderState.CLOSED
+
+
 def test_sweep_task_fails_on_a_configuration_error_like_the_command(celery_app, make_order, wxpay_settings):
     make_order()
     wxpay_settings["MERCHANTS"]["default"]["API_KEY"] = "WRONGKEY" * 4
