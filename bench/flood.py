@@ -14,7 +14,7 @@ from .runner import Backend
 
 def flood(plan: Plan, backends: Sequence[Backend]) -> dict[str, Any]:
     return {backend.name: runner.run("flood", backend=backend, posts=plan.flood_posts, genuine=plan.flood_genuine,
-                                     clients=plan.flood_clients)
+                                     clients=plan.flood_clients, trace_count=plan.flood_trace_count)
             for backend in backends}
 
 

@@ -25,6 +25,7 @@ class Plan:
     flood_posts: int = 10_000  # garbage POSTs at the notify URL per backend
     flood_genuine: int = 200  # genuine notifications sent during the flood (and as many without)
     flood_clients: int = 2  # keep-alive connections the garbage comes from
+    flood_trace_count: int = 2000  # garbage bodies handled in-process to measure what one trace takes
 
 
 FULL = Plan(
@@ -39,11 +40,11 @@ FULL = Plan(
 
 QUICK = Plan(
     client_calls=100, client_repeats=2,
-    service_orders=20, service_repeats=2,
-    latency=0.01, sweep_orders=200, workers=(8, 32), target_runs=1,
+    service_orders=10, service_repeats=2,
+    latency=0.01, sweep_orders=100, workers=(8, 32), target_runs=1,
     ceiling_calls=100, ceiling_repeats=1,
-    processes_orders=200,
+    processes_orders=100,
     process_layouts=((1, 32, 0.01), (2, 16, 0.01), (8, 8, 0.04)), processes_repeats=1,
-    memory_orders=(200, 2000),
-    flood_posts=300, flood_genuine=20,
+    memory_orders=(100, 1000),
+    flood_posts=100, flood_genuine=10, flood_trace_count=100,
 )

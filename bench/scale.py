@@ -37,7 +37,7 @@ class Size:
 
 
 FULL_SIZE = Size(terminal_orders=5_000_000, open_orders=100_000, attempts=10_000_000, notifications=2_000_000)
-QUICK_SIZE = Size(terminal_orders=20_000, open_orders=1_000, attempts=40_000, notifications=8_000)
+QUICK_SIZE = Size(terminal_orders=10_000, open_orders=500, attempts=20_000, notifications=4_000)
 
 
 @contextmanager

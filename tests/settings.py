@@ -25,3 +25,6 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 
 # Tests point this at their own loopback simulator (tests/conftest.py, fixture `wxpay_settings`).
 WXPAY_CLOSE = {**WXPAY_CLOSE, "BASE_URL": "http://127.0.0.1:9"}  # noqa: F405  (nothing listens on port 9)
+
+# The test suite's own `flush` command (tests/management/commands/flush.py): a transactional test's cleanup.
+INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405

@@ -97,9 +97,11 @@ def test_reliability_figures_with_a_python_lacking_the_dependencies_prints_no_fi
 
 
 def test_reliability_figures_prints_no_figures_when_the_tests_fail():
-    # Nothing listens on port 1: every test errors while setting up its database.
+    # Nothing listens on port 1: every test errors while setting up its database. pytest stops at the first
+    # (-x): the script sees a failed run either way, without waiting for each test's error.
+    environment = {**os.environ, "PG_URL": "postgres://postgres@127.0.0.1:1/wxpay_close", "PYTEST_ADDOPTS": "-x"}
     done = subprocess.run([sys.executable, "scripts/reliability-figures"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PG_URL": "postgres://postgres@127.0.0.1:1/wxpay_close"}, timeout=300)
+                          env=environment, timeout=300)
 
     assert done.returncode != 0
     assert done.stdout == ""

@@ -26,7 +26,7 @@ from ..runner import ROOT
 GARBAGE = b"<xml>" + b"A" * (64 * 1024 - 12) + b"</xml>"  # within the 64 KiB cap: read, parsed, refused
 
 
-def run(*, posts: int, genuine: int, clients: int, **_unused: Any) -> dict[str, Any]:
+def run(*, posts: int, genuine: int, clients: int, trace_count: int = 2000, **_unused: Any) -> dict[str, Any]:
     django_env.setup()
     django_env.migrate()
     django_env.reset()
@@ -69,7 +69,7 @@ def run(*, posts: int, genuine: int, clients: int, **_unused: Any) -> dict[str, 
         "garbage_posts": garbage, "flood_seconds": flood_seconds, "garbage_per_s": garbage / flood_seconds,
         "growth_bytes": growth, "growth_bytes_per_10000": growth * 10_000 / garbage,
         "growth_bytes_with_genuine": flood_growth, "genuine_growth_bytes": genuine_growth,
-        "traces": traces, "bytes_per_trace": _bytes_per_trace(),
+        "traces": traces, "bytes_per_trace": _bytes_per_trace(trace_count),
         "minutes_counted": len(counts), "counted": sum(row.received for row in counts),
         "genuine_during_flood": during, "genuine_without_flood": quiet,
         "genuine_recorded": recorded, "genuine_sent": during["sent"] + quiet["sent"],

@@ -36,8 +36,8 @@ def run(*, quick: bool, **_unused: Any) -> dict[str, Any]:
     result["pages_seconds"] = time.perf_counter() - began
     result["sweep_queries"] = _sweep_queries()
     began = time.perf_counter()
-    result["write_cost"] = _write_cost(connection, rows=500 if quick else 20_000, repeats=3,
-                                       scratch_rows=20_000 if quick else SCRATCH_ROWS)
+    result["write_cost"] = _write_cost(connection, rows=200 if quick else 20_000, repeats=1 if quick else 3,
+                                       scratch_rows=5_000 if quick else SCRATCH_ROWS)
     result["write_cost_seconds"] = time.perf_counter() - began
     return result
 
