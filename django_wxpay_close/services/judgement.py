@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from django.utils.translation import gettext_noop
 
 from ..wechat import CloseResult, Outcome, QueryResult
+from .jobs import exchange_outcome
 
 logger = logging.getLogger("django_wxpay_close")
 
@@ -55,7 +56,7 @@ class Judgement:
               outlived_lease: bool) -> bool:
         """Note one answer (a close's or a query's); returns whether, if it is a failure, it spends one of the
         order's retries."""
-        outcome = result.outcome if isinstance(result, CloseResult) else result.failure
+        outcome = exchange_outcome(result)
         with self._lock:
             if outcome is Outcome.CONFIGURATION_ERROR:
                 self._configuration_error(merchant, result.reason)
