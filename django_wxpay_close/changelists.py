@@ -1,7 +1,7 @@
 """What keeps the admin's lists fast on tables of millions of rows: counts that do not scan, filters whose
 choices are known without reading the table, and searches an index serves.
 
-Every list page then runs a constant number of queries, each served by an index of models.py (see each
+Every list page then runs a constant number of queries, each served by an index of the models (see each
 index's comment for the query it serves), whatever the size of the tables.
 """
 
