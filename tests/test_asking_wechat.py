@@ -443,3 +443,40 @@ def test_sweeper_processes_and_a_person_checking_never_have_two_queries_of_one_o
     for order in orders:  # a person's check and a sweeper's query of one order never overlap
         windows = list(rows.filter(order=order).order_by("started_at").values_list("started_at", "completed_at"))
         assert all(earlier[1] <= later[0] for earlier, later in zip(windows, windows[1:])), order.out_trade_no
+
+
+# -- the whole picture -----------------------------------------------------------------------------------------
+
+
+def test_sweeps_over_every_unclear_scenario_leave_on_hold_only_what_wechat_itself_cannot_settle(
+        make_order, simulator, wxpay_settings):
+    wxpay_settings["MAX_ATTEMPTS"] = 2
+    unclear_closes = [(Fault.UNSIGNED, {}), (Fault.BAD_SIGNATURE, {}), (Fault.ERR_CODE, {"err_code": "NEWCODE"}),
+                      (Fault.SYSTEMERROR, {}), (Fault.MALFORMED_BODY, {}), (Fault.HTTP_503, {})]
+    settles = {}  # order -> the state WeChat's answer to a query settles it in
+    for fault, options in unclear_closes:
+        for remote, ends in [(RemoteState.NOTPAY, OrderState.CLOSED), (RemoteState.PAID, OrderState.PAID),
+                             (RemoteState.CLOSED, OrderState.CLOSED)]:
+            order = make_order(remote=remote)
+            simulator.inject(fault, out_trade_no=order.out_trade_no, times=None, **options)
+            if remote is RemoteState.NOTPAY:  # payable, but its close stays unclear: WeChat confirms nothing
+                settles[order] = OrderState.OPEN
+            else:
+                settles[order] = ends
+    never_created = make_order(remote=None)
+    settles[never_created] = OrderState.UNKNOWN_TO_WECHAT
+    cannot_tell = make_order()
+    for api in ("closeorder", "orderquery"):
+        simulator.inject(Fault.SYSTEMERROR, out_trade_no=cannot_tell.out_trade_no, times=None, api=api)
+    settles[cannot_tell] = OrderState.OPEN
+
+    for _ in range(8):  # cron runs, each after the backoff has passed
+        sweep_expired_orders(workers=4)
+        Order.objects.filter(state=OrderState.OPEN, on_hold=False).update(due_at=timezone.now())
+
+    assert {order.out_trade_no: refreshed(order).state for order in settles} == {
+        order.out_trade_no: state for order, state in settles.items()}
+    held = set(Order.objects.filter(on_hold=True).values_list("out_trade_no", flat=True))
+    assert held == {order.out_trade_no for order, state in settles.items() if state == OrderState.OPEN}
+    assert all(simulator.query_requests_for(order.out_trade_no) >= 1 for order in settles)
+    assert not Order.objects.filter(state=OrderState.OPEN, on_hold=False).exists()
