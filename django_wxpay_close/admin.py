@@ -6,22 +6,20 @@ What it shows is built in admin_display.py; what keeps its lists fast on large t
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
-from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext, ngettext, pgettext
 from django.utils.translation import gettext_lazy as _
 
+from .admin_actions import CHECK, CLOSE, send_to_selection
 from .admin_display import (
     answer_text,
     attempt_title,
@@ -32,6 +30,7 @@ from .admin_display import (
     order_story,
     outcome_badge,
     outcome_label,
+    outcome_with_code,
     pretty_pre,
     stored_reason_text,
     who_sent,
@@ -39,9 +38,8 @@ from .admin_display import (
 from .admin_text import translated_detail
 from .changelists import ErrCodeFilter, LargeTableAdmin, MerchantFilter, NeedsAttentionFilter, OverdueFilter
 from .conf import CloseSettings, load_settings
-from .models import CloseAttempt, Order, OrderState, PaymentNotification, Trigger
-from .selectors import why_not_closable
-from .services import CloseAction, close_orders, lift_hold
+from .models import CloseAttempt, Order, OrderState, PaymentNotification
+from .services import lift_hold
 
 _STATE_COLOURS = {
     OrderState.OPEN: "#205493",
@@ -95,17 +93,17 @@ class AuditInline(ReadOnly, admin.TabularInline):
 
 class CloseAttemptInline(AuditInline):
     model = CloseAttempt
-    verbose_name = _("closeorder exchange")
+    verbose_name = _("WeChat exchange")
     verbose_name_plural = _("Audit trail (newest first)")
-    readonly_fields = ("started", "trigger", "actor", "outcome_badge", "answer", "http_status", "signature_verified",
-                       "duration_ms", "xml")  # the URL, failover and raw fields are on the attempt's own page
+    readonly_fields = ("started", "api", "trigger", "actor", "outcome_badge", "answer", "http_status",
+                       "signature_verified", "duration_ms", "xml")  # the URL, failover, raw fields: on its own page
     fields = readonly_fields
     ordering = ["-started_at", "-id"]
     started = moment_column("started_at", _("started"), link=True)
 
     @admin.display(description=_("outcome"))
     def outcome_badge(self, attempt: CloseAttempt) -> str:
-        return outcome_badge(attempt)
+        return outcome_with_code(attempt)  # with a query's trade_state under it
 
     @admin.display(description=_("answer"))
     def answer(self, attempt: CloseAttempt) -> str:
@@ -141,23 +139,6 @@ def _settings_or_none() -> CloseSettings | None:
         return None
 
 
-def _not_sent_summary(skipped: list[tuple[Order, str]]) -> str:
-    """'2 not sent: it is paid (1); younger than MIN_ORDER_AGE … (1)'."""
-    counts = Counter(reason for _order, reason in skipped)
-    # Translators: one reason and how many orders it kept back, e.g. "it is paid (1)".
-    reasons = pgettext("reasons separator", "; ").join(
-        pgettext("reason (count)", "%(reason)s (%(count)d)") % {"reason": reason, "count": count}
-        for reason, count in sorted(counts.items()))
-    return ngettext("%(count)d not sent: %(reasons)s", "%(count)d not sent: %(reasons)s", len(skipped)) % {
-        "count": len(skipped), "reasons": reasons}
-
-
-def _as_sentence(text: str) -> str:
-    """A summary phrase as a sentence: capitalised (where the script has capitals) and with its full stop."""
-    # Translators: a sentence with its full stop; Chinese uses "。".
-    return pgettext("sentence", "%(sentence)s.") % {"sentence": text[:1].upper() + text[1:]}
-
-
 @admin.register(Order)
 class OrderAdmin(AppAdmin):
     # Fits the 790 px that a 1440 px screen leaves between Django's navigation and filter sidebars, even with
@@ -169,7 +150,7 @@ class OrderAdmin(AppAdmin):
     list_filter = ["state", MerchantFilter, OverdueFilter, NeedsAttentionFilter, "last_outcome", "created_at"]
     search_fields = ["out_trade_no__exact"]
     search_help_text = _("The whole out_trade_no (no partial match).")
-    actions = ["close_selected_orders", "lift_hold"]
+    actions = ["close_selected_orders", "check_status_at_wechat", "lift_hold"]
     inlines = [CloseAttemptInline, PaymentNotificationInline]
     fieldsets = [
         (_("Why it is in this state"), {"fields": ["story"]}),
@@ -261,58 +242,14 @@ class OrderAdmin(AppAdmin):
         # The close action sends requests; with ATOMIC_REQUESTS a rollback would erase their audit rows.
         return super().changelist_view(request, extra_context)
 
-    @admin.action(description=_("Close selected orders"), permissions=["change"])
+    @admin.action(description=CLOSE.description, permissions=["change"])
     def close_selected_orders(self, request: HttpRequest, queryset: QuerySet[Order]) -> HttpResponse | None:
-        """Preview (what is sent, what is skipped and why), then close through the service on confirmation."""
-        try:
-            settings = load_settings()
-        except ImproperlyConfigured as exc:
-            self.message_user(request, str(exc), messages.ERROR)
-            return None
-        selected = queryset.count()
-        if selected > settings.admin_max_selection:
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d order selected; at most %(maximum)d can be closed at once "
-                    "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
-                    "close_expired_orders sweep them.",
-                    "%(count)d orders selected; at most %(maximum)d can be closed at once "
-                    "(WXPAY_CLOSE['ADMIN_MAX_SELECTION']). Nothing was sent. Narrow the selection, or let "
-                    "close_expired_orders sweep them.", selected,
-                ) % {"count": selected, "maximum": settings.admin_max_selection},
-                messages.ERROR,
-            )
-            return None
-        now = timezone.now()
-        orders = list(queryset.order_by("payment_deadline", "pk"))
-        plan = [(order, why_not_closable(order, now=now, min_order_age=settings.min_order_age)) for order in orders]
-        to_send = [order for order, blocker in plan if blocker is None]
-        skipped = [(order, stored_reason_text(blocker)) for order, blocker in plan if blocker]
-        if request.POST.get("confirm") != "yes":
-            return TemplateResponse(request, "admin/django_wxpay_close/order/close_selected_confirmation.html", {
-                **self.admin_site.each_context(request),
-                "title": gettext("Close these orders at WeChat Pay?"),
-                "opts": self.model._meta,
-                "media": self.media,
-                "to_send": to_send,
-                "skipped": skipped,
-                "not_yet_expired": [order for order in to_send if order.payment_deadline > now],
-                "selected_ids": [order.pk for order in orders],
-                "action_checkbox_name": ACTION_CHECKBOX_NAME,
-                "action": "close_selected_orders",
-            })
-        report = close_orders(to_send, trigger=Trigger.ADMIN, user=request.user)
-        summary = _as_sentence(report.sentence() if to_send else gettext("nothing was sent"))
-        if skipped:
-            # Translators: two sentences of a message; Chinese sentences follow each other without a space.
-            summary = pgettext("two sentences", "%(first)s %(second)s") % {
-                "first": summary, "second": _as_sentence(_not_sent_summary(skipped))}
-        level = messages.ERROR if report.has_alarms else (
-            messages.WARNING if skipped or set(report.by_action) - {CloseAction.CLOSED, CloseAction.ALREADY_CLOSED}
-            else messages.SUCCESS)
-        self.message_user(request, summary, level)
-        return None
+        return send_to_selection(self, request, queryset, CLOSE)
+
+    # The same permission as closing: a check may settle an order (paid or closed at WeChat).
+    @admin.action(description=CHECK.description, permissions=["change"])
+    def check_status_at_wechat(self, request: HttpRequest, queryset: QuerySet[Order]) -> HttpResponse | None:
+        return send_to_selection(self, request, queryset, CHECK)
 
     @admin.action(description=_("Lift the hold of selected orders (the sweep retries them)"), permissions=["change"])
     def lift_hold(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
@@ -331,19 +268,21 @@ class CloseAttemptAdmin(ReadOnly, AppAdmin):
     """The audit list: searchable and filterable; nobody can add, edit or delete a row."""
 
     # Fits beside Django's sidebars at 1440 px in every language: the merchant under the order number, who sent it
-    # one column, the outcome with WeChat's err_code; whether the answer's signature verified is in the outcome
-    # ("untrusted response"), the rest on the attempt's page.
-    list_display = ["started", "order_number", "who", "outcome_and_code", "http_status", "duration_ms"]
+    # under the API, the outcome with WeChat's err_code or trade_state; whether the answer's signature verified is
+    # in the outcome ("untrusted response"), the rest on the attempt's page.
+    list_display = ["started", "order_number", "api_and_trigger", "outcome_and_code", "http_status", "duration_ms"]
     # No signature_verified filter (no index would serve its rare False): the outcome "untrusted response" is
     # exactly the answers whose signature did not verify.
-    list_filter = ["outcome", ErrCodeFilter, MerchantFilter, "trigger", "started_at"]
+    # The API filter's orderquery choice is served by the partial index wxpay_attempt_api_idx; closeorder is nearly
+    # every row, read newest first by the started_at index.
+    list_filter = ["api", "outcome", ErrCodeFilter, MerchantFilter, "trigger", "started_at"]
     search_fields = ["out_trade_no__exact"]
     search_help_text = _("The whole out_trade_no (no partial match).")
     actions = None  # not even "delete selected": the audit trail is append-only
-    readonly_fields = ("order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "trigger", "actor", "url",
+    readonly_fields = ("order", "out_trade_no", "merchant", "mch_id", "sub_mch_id", "api", "trigger", "actor", "url",
                        "failed_over_from", "sign_type", "started", "completed", "duration_ms", "outcome_badge",
                        "stored_reason", "http_status", "return_code", "return_msg", "result_code", "err_code",
-                       "err_code_des", "signature_verified", "request", "request_pretty", "response",
+                       "err_code_des", "trade_state", "signature_verified", "request", "request_pretty", "response",
                        "response_pretty")
     fields = readonly_fields
 
@@ -355,15 +294,15 @@ class CloseAttemptAdmin(ReadOnly, AppAdmin):
         return format_html('<span class="wxpay-nowrap">{}</span><br><span class="wxpay-merchant">{}</span>',
                            attempt.out_trade_no, attempt.merchant)
 
-    @admin.display(description=_("trigger"), ordering="trigger")
-    def who(self, attempt: CloseAttempt) -> str:
-        return who_sent(attempt)
+    @admin.display(description=_("API"), ordering="api")
+    def api_and_trigger(self, attempt: CloseAttempt) -> str:
+        # close_expired_orders may break after its underscores: as one word it would widen the list past the screen.
+        who = format_html_join(mark_safe("_<wbr>"), "{}", ((part,) for part in who_sent(attempt).split("_")))
+        return format_html('{}<br><span class="wxpay-merchant">{}</span>', attempt.api, who)
 
     @admin.display(description=_("outcome"), ordering="outcome")
     def outcome_and_code(self, attempt: CloseAttempt) -> str:
-        if not attempt.err_code:
-            return outcome_badge(attempt)
-        return format_html('{}<br><span class="wxpay-code">{}</span>', outcome_badge(attempt), attempt.err_code)
+        return outcome_with_code(attempt)
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
                     extra_context: dict[str, Any] | None = None) -> HttpResponse:

@@ -22,7 +22,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext, pgettext
 
 from .conf import CloseSettings
-from .models import QUERY_OUTCOME_LABELS, STORED_OUTCOME_LABELS, CloseAttempt, Order, OrderState, Trigger
+from .models import QUERY_OUTCOME_LABELS, STORED_OUTCOME_LABELS, Api, CloseAttempt, Order, OrderState, Trigger
 from .wechat import Outcome
 
 
@@ -97,7 +97,22 @@ def outcome_label(outcome: str) -> str:
 
 
 def answer_text(attempt: CloseAttempt) -> str:
-    return attempt.err_code or attempt.result_code or (outcome_label(attempt.outcome) if attempt.outcome else "")
+    return attempt.err_code or attempt.trade_state or attempt.result_code or (
+        outcome_label(attempt.outcome) if attempt.outcome else "")
+
+
+def is_query(attempt: CloseAttempt | None) -> bool:
+    return attempt is not None and attempt.api == Api.ORDERQUERY
+
+
+def query_answer(attempt: CloseAttempt) -> str:
+    """What WeChat answered an orderquery, with what that means; or that there was no answer to go by."""
+    values = {"when": format_when(attempt.started_at), "who": who_sent(attempt),
+              "meaning": outcome_label(attempt.outcome) if attempt.outcome else gettext("no answer")}
+    if attempt.trade_state or attempt.err_code:  # WeChat itself said it (ORDERNOTEXIST has no trade_state)
+        return gettext("WeChat answered orderquery with %(answer)s (%(meaning)s) at %(when)s (sent by %(who)s).") % {
+            **values, "answer": attempt.trade_state or attempt.err_code}
+    return gettext("The orderquery sent at %(when)s by %(who)s brought no answer to go by (%(meaning)s).") % values
 
 
 def stored_reason_text(reason: str) -> str:
@@ -113,7 +128,9 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
     Built only from the order's fields and its newest audit row, so it can never disagree with them.
     """
     if order.state == OrderState.CLOSED:
-        if last_attempt is not None and last_attempt.outcome == Outcome.ALREADY_CLOSED:
+        if last_attempt is not None and is_query(last_attempt):
+            told = query_answer(last_attempt)
+        elif last_attempt is not None and last_attempt.outcome == Outcome.ALREADY_CLOSED:
             told = gettext("WeChat answered ORDERCLOSED (someone had closed it before) to the close sent at "
                            "%(when)s by %(who)s.") % {"when": format_when(last_attempt.started_at),
                                                       "who": who_sent(last_attempt)}
@@ -126,7 +143,9 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
         return [gettext("Closed at %(when)s.") % {"when": format_when(order.closed_at)}, told,
                 gettext("It can never be paid; nothing more will be sent.")]
     if order.state == OrderState.PAID:
-        if last_attempt is not None and last_attempt.outcome == Outcome.PAID:
+        if last_attempt is not None and is_query(last_attempt) and last_attempt.outcome == Outcome.PAID:
+            how = query_answer(last_attempt)
+        elif last_attempt is not None and last_attempt.outcome == Outcome.PAID:
             how = gettext("WeChat answered ORDERPAID to the close sent at %(when)s: the payer paid.") % {
                 "when": format_when(last_attempt.started_at)}
         else:
@@ -138,12 +157,14 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
                         % {"error": order.last_error})
         return paid
     if order.state == OrderState.UNKNOWN_TO_WECHAT:
+        never = gettext("It was never created at WeChat, so it can never be paid; nothing more will be sent.")
+        if last_attempt is not None and is_query(last_attempt):  # the query confirmed what the closes could not
+            return [query_answer(last_attempt), never]
         return [ngettext("WeChat answered ORDERNOTEXIST to every close until the retries ran out "
                          "(%(count)d attempt, the last at %(when)s).",
                          "WeChat answered ORDERNOTEXIST to every close until the retries ran out "
                          "(%(count)d attempts, the last at %(when)s).", order.attempt_count)
-                % {"count": order.attempt_count, "when": format_when(order.last_attempt_at)},
-                gettext("It was never created at WeChat, so it can never be paid; nothing more will be sent.")]
+                % {"count": order.attempt_count, "when": format_when(order.last_attempt_at)}, never]
 
     story: list[str] = []
     # Translators: the last outcome and WeChat's (untranslated) error text, e.g. "retryable error: SYSTEMERROR".
@@ -152,10 +173,19 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
     if order.in_flight and order.due_at >= now:
         story.append(gettext("A close is in flight right now (claimed until %(when)s).")
                      % {"when": format_when(order.due_at)})
+    queried = is_query(last_attempt)
+    if last_attempt is not None and queried:
+        story.append(query_answer(last_attempt))
+    due = {"when": format_when(order.due_at)}
     if order.on_hold:
         story += [gettext("On hold after the last answer (%(last)s).") % {"last": last or gettext("none recorded")},
                   gettext("The sweep leaves it alone until a person acts: \"Close selected orders\" retries it and "
                           "lifts the hold.")]
+    elif order.needs_query and queried:  # the payer was paying, or the query brought no answer to go by
+        story.append(gettext("The sweep asks WeChat (orderquery) again at %(when)s.") % due)
+    elif order.needs_query:
+        story.append(gettext("The last close could not tell where the order stands (%(last)s); the next sweep asks "
+                             "WeChat (orderquery) at %(when)s.") % {**due, "last": last})
     elif order.last_outcome == Outcome.CONFIGURATION_ERROR:
         story += [gettext("The last close hit a configuration error (%(error)s).") % {"error": order.last_error},
                   gettext("Fix WXPAY_CLOSE (API key, sign type or merchant IDs); every order of this merchant fails "
@@ -163,6 +193,12 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
                   % {"when": format_when(order.due_at)}]
     elif order.payment_deadline > now:
         story.append(gettext("Awaiting payment: the payment window ends at %(when)s; after that the sweep closes it.")
+                     % {"when": format_when(order.payment_deadline)})
+    elif queried and order.due_at > now:  # a check of an order waiting for its retry left the retry as it was
+        story.append(gettext("Overdue since %(deadline)s: the sweep sends closeorder at %(when)s.")
+                     % {**due, "deadline": format_when(order.payment_deadline)})
+    elif queried:
+        story.append(gettext("Overdue since %(when)s: the next sweep sends closeorder.")
                      % {"when": format_when(order.payment_deadline)})
     elif order.attempt_count and order.due_at > now:
         values = {"attempt": order.retry_count, "last": last, "when": format_when(order.due_at)}
@@ -178,6 +214,9 @@ def order_story(order: Order, *, last_attempt: CloseAttempt | None, settings: Cl
     else:
         story.append(gettext("Overdue since %(when)s: the next sweep sends closeorder.")
                      % {"when": format_when(order.payment_deadline)})
+    if order.on_hold or order.needs_query:
+        story.append(gettext("\"Check status at WeChat\" asks WeChat (orderquery) where it stands now: a paid or "
+                             "closed answer settles it, any other is only recorded."))
     if settings is not None and order.created_at > now - settings.min_order_age:
         story.append(gettext("It cannot be closed before %(when)s (WeChat mishandles closing a just-created order).")
                      % {"when": format_when(order.created_at + settings.min_order_age)})
@@ -207,6 +246,14 @@ def outcome_badge(attempt: CloseAttempt) -> str:
         verdict.value for verdict in QUERY_OUTCOME_LABELS}
     colour = "#2e7d32" if attempt.outcome in settled else ("#b26a00" if attempt.outcome in waits else "#c62828")
     return format_html('<strong style="color:{}">{}</strong>', colour, outcome_label(attempt.outcome))
+
+
+def outcome_with_code(attempt: CloseAttempt) -> str:
+    """The outcome's badge with WeChat's own word under it: a query's trade_state, else the err_code."""
+    code = attempt.trade_state or attempt.err_code
+    if not code:
+        return outcome_badge(attempt)
+    return format_html('{}<br><span class="wxpay-code">{}</span>', outcome_badge(attempt), code)
 
 
 def attempt_title(attempt: CloseAttempt) -> str:

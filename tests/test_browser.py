@@ -22,8 +22,8 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from django_wxpay_close.models import NotificationVerdict, Order, OrderState, PaymentNotification
-from django_wxpay_close.services import close_order
+from django_wxpay_close.models import NotificationVerdict, Order, OrderState, PaymentNotification, Trigger
+from django_wxpay_close.services import check_orders, close_order
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 
@@ -203,7 +203,7 @@ def open_order_page_with_xml(page: Any, base_url: str, order: Order) -> None:
 
 # Each list's page, and texts as long as its columns get: 32-character order numbers, WeChat's longest err_code,
 # 32-digit transaction ids.
-LISTS = {"orders": CHANGELIST, "close attempts": "/admin/django_wxpay_close/closeattempt/",
+LISTS = {"orders": CHANGELIST, "WeChat exchanges": "/admin/django_wxpay_close/closeattempt/",
          "payment notifications": "/admin/django_wxpay_close/paymentnotification/"}
 
 
@@ -213,6 +213,10 @@ def long_audit_rows(make_order: Any, simulator: Any) -> None:
         order = make_order(number)
         simulator.inject(fault, out_trade_no=number)
         close_order(order)
+    # The longest API and trigger: an orderquery sent by the sweep's trigger, answered with the longest outcome and
+    # trade_state.
+    check_orders([make_order("2026050112345678901234567890AB99", remote=RemoteState.USERPAYING)],
+                 trigger=Trigger.COMMAND)
     for index, verdict in enumerate(NotificationVerdict):
         PaymentNotification.objects.create(
             out_trade_no=f"2026050112345678901234567890AB{index:02d}", transaction_id=f"{4200000000 + index:032d}",

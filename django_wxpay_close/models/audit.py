@@ -134,8 +134,9 @@ class CloseAttempt(AppendOnly):
 
     class Meta:
         ordering = ["-started_at", "-id"]
-        verbose_name = _("close attempt")
-        verbose_name_plural = _("close attempts")
+        # Closes and queries alike (`api`); the model keeps its first name, which its table and migrations use.
+        verbose_name = _("WeChat exchange")
+        verbose_name_plural = _("WeChat exchanges")
         indexes = [
             models.Index(fields=["outcome", "started_at"], name="wxpay_attempt_outcome_idx"),
             # The admin's audit list, newest first (Meta.ordering), and its started_at date-range filter.
@@ -150,6 +151,8 @@ class CloseAttempt(AppendOnly):
             # first; the sweep's own rows (trigger "command") never enter it.
             models.Index(fields=["trigger", "started_at"], name="wxpay_attempt_trigger_idx",
                          condition=~Q(trigger="command")),
+            # The admin's API filter for the orderquery exchanges, newest first; the many closes never enter it.
+            models.Index(fields=["api", "started_at"], name="wxpay_attempt_api_idx", condition=Q(api="orderquery")),
         ]
 
     def __str__(self) -> str:
