@@ -167,6 +167,9 @@ def _attempt_expressions() -> dict[str, str]:
         "outcome": f"(CASE WHEN {retried} THEN 'retryable_error' WHEN (a - 1) % 2 = 1 AND {order} % 100 < 5 "
                    "THEN 'already_closed' ELSE 'closed' END)",
         "reason": "''",
+        # One exchange in 250 is an orderquery, what the admin's API filter lists.
+        "api": "(CASE WHEN a % 250 = 0 THEN 'orderquery' ELSE 'closeorder' END)",
+        "trade_state": "(CASE WHEN a % 250 = 0 THEN 'NOTPAY' ELSE '' END)",
     }
 
 

@@ -80,6 +80,7 @@ def _pages(size: Size) -> list[tuple[str, str]]:
         ("close attempts, err_code SYSTEMERROR", f"{attempts}?err_code=SYSTEMERROR"),
         ("close attempts, err_code SIGNERROR (none)", f"{attempts}?err_code=SIGNERROR"),
         ("close attempts, trigger admin", f"{attempts}?trigger__exact=admin"),
+        ("close attempts, API orderquery", f"{attempts}?api__exact=orderquery"),
         ("close attempts, merchant other", f"{attempts}?merchant=other"),
         ("close attempts, started in the past 7 days", f"{attempts}?started_at__gte={_days_ago(7)}"),
         ("close attempts, search out_trade_no", f"{attempts}?q={number}"),
@@ -160,7 +161,8 @@ ADMIN_INDEXES = {
     "django_wxpay_close_order": ("wxpay_order_created_idx", "wxpay_order_out_trade_no_idx",
                                  "wxpay_order_outcome_idx", "wxpay_order_attention_idx"),
     "django_wxpay_close_closeattempt": ("wxpay_attempt_started_idx", "wxpay_attempt_out_trade_no_idx",
-                                        "wxpay_attempt_err_code_idx", "wxpay_attempt_trigger_idx"),
+                                        "wxpay_attempt_err_code_idx", "wxpay_attempt_trigger_idx",
+                                        "wxpay_attempt_api_idx"),
 }
 
 
