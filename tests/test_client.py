@@ -609,6 +609,28 @@ def test_a_redirect_is_not_followed(wechat: responses.RequestsMock, client: Clos
     assert (result.outcome, result.http_status) == (Outcome.INVALID_RESPONSE, 302)
 
 
+def test_a_cookie_the_server_sets_is_never_sent_back(wechat: responses.RequestsMock, client: CloseOrderClient) -> None:
+    for _ in range(2):
+        wechat.add(responses.POST, URL, body=signed_answer(answer_fields()), headers={"Set-Cookie": "route=a1; Path=/"})
+
+    client.close_order(ORDER)
+    client.close_order(ORDER)
+
+    assert [call.request.headers.get("Cookie") for call in wechat.calls] == [None, None]
+
+
+def test_a_proxy_named_in_the_environment_carries_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    with RawHTTPServer(lambda conn: proxy.send(conn, _http_200(signed_answer(answer_fields())))) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with CloseOrderClient(make_merchant(), base_urls=[BASE]) as proxied:
+            result = proxied.close_order(ORDER)
+
+    assert result.outcome is Outcome.CLOSED
+    assert proxy.requests[0].startswith(f"POST {URL} HTTP/1.1".encode())
+
+
 # --- failover ----------------------------------------------------------------------------------
 
 
