@@ -6,6 +6,7 @@
   other);
 - decisions.py: what an answer (a close's, a query's) means for its order; judgement.py: what a run learns from
   its answers;
+- guards.py: what keeps the engine's thread honest (no caller's transaction, reconnects, the first Ctrl-C);
 - reorder.py: `close_before_reorder`, the verdict a shop asks before creating a new order;
 - orders.py: recording orders and payments, lifting a hold (no request is sent).
 
@@ -14,7 +15,8 @@ What a run reports (actions, counts, summaries, exit statuses) is in ../reports.
 
 from ..reports import CloseAction, CloseReport, OrderCloseResult
 from .closing import check_order, check_orders, close_order, close_orders, sweep_expired_orders
-from .engine import ABANDONED, DatabaseUnavailable
+from .engine import ABANDONED
+from .guards import DatabaseUnavailable
 from .orders import InvalidTransition, create_order, lift_hold, paid_amount_mismatch, record_payment
 from .reorder import ReorderAnswer, ReorderVerdict, close_before_reorder
 

@@ -25,7 +25,8 @@ from ..selectors import (
     why_not_closable,
 )
 from .decisions import QueryPurpose
-from .engine import DatabaseUnavailable, Engine
+from .engine import Engine
+from .guards import DatabaseUnavailable
 from .jobs import Job, order_result
 
 

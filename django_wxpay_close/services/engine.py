@@ -20,14 +20,11 @@ erase audit rows of requests that really went out. They raise `TransactionManage
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from django.db import InterfaceError, OperationalError, connections, transaction
@@ -41,6 +38,7 @@ from ..models import CloseAttempt, Order, OrderState, write_database
 from ..reports import CloseAction, CloseReport
 from ..wechat import CloseResult, QueryResult
 from .decisions import Decision, QueryPurpose, after_state_moved, decide, decide_query, release
+from .guards import DatabaseUnavailable, first_ctrl_c_calls, require_autocommit, with_database
 from .jobs import Answer, Job, Unsendable, Verdict, answered, audit_answer, failed, order_result, prepare, unwritten
 from .judgement import MERCHANT_HALTED, Judgement
 
@@ -50,23 +48,10 @@ T = TypeVar("T")
 ABANDONED = gettext_noop("no answer was recorded: the process stopped or lost its database")
 STOPPING = gettext_noop("not sent: the run was stopping")
 LATE_ANSWER = gettext_noop("answered after another close took the order over")
-# Reconnect delays (seconds) after a lost database connection; then the database counts as unavailable.
-DATABASE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 # Claimed and unanswered orders: a new batch is claimed when fewer than REFILL_BELOW x workers are left, up to
 # MAX_UNFINISHED x workers (so a worker never waits for a claim, and a kill leaves a bounded number of rows).
 REFILL_BELOW = 1.5
 MAX_UNFINISHED = 2
-
-
-class DatabaseUnavailable(Exception):
-    """The database stayed away through every reconnect; `report` holds what the run did until then.
-
-    Every answer that could not be written was logged at ERROR (out_trade_no, outcome, response body).
-    """
-
-    def __init__(self, message: str, report: CloseReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 class Engine:
@@ -95,6 +80,12 @@ class Engine:
         self.report = report or CloseReport()
         self._unwritten: list[Verdict | Answer] = []
 
+    def require_autocommit(self) -> None:
+        require_autocommit(self.db)
+
+    def _interrupt(self) -> None:
+        self.interrupted = True
+
     def purpose_for(self, order: Order) -> QueryPurpose | None:
         if self.query is not None:
             return self.query
@@ -105,29 +96,6 @@ class Engine:
         if self.database_error or self.judgement.unreachable or self.interrupted or self.claiming_failed:
             return STOPPING
         return ""
-
-    def require_autocommit(self) -> None:
-        if transaction.get_connection(self.db).in_atomic_block:
-            raise transaction.TransactionManagementError(
-                "django_wxpay_close services send requests to WeChat and must run outside transaction.atomic(): "
-                "a rollback would erase the audit rows of requests that really went out."
-            )
-
-    # -- the database, reconnected when its connection is lost -------------------------------------
-
-    def with_database(self, step: Callable[[], T]) -> T:
-        """Run `step` (one transaction, or a read); after a lost connection reconnect and run it again."""
-        for delay in (*DATABASE_RETRY_DELAYS, None):
-            try:
-                return step()
-            except (OperationalError, InterfaceError) as exc:
-                connections[self.db].close()  # the next query opens a new connection
-                if delay is None:
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise DatabaseUnavailable(f"the database is unavailable: {first_line}") from exc
-                logger.warning("Lost the database connection (%s); reconnecting in %.1fs", exc, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable: the last try raises")
 
     # -- 1. claim ---------------------------------------------------------------------------------------
 
@@ -170,7 +138,7 @@ class Engine:
             return jobs, orders, unsendable
 
         try:
-            jobs, orders, unsendable = self.with_database(step)
+            jobs, orders, unsendable = with_database(self.db, step)
         except DatabaseUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing of the batch was claimed or sent (rolled back)
@@ -280,7 +248,7 @@ class Engine:
                 self._unwritten.pop(0)
 
         try:
-            self.with_database(one_by_one)
+            with_database(self.db, one_by_one)
         except DatabaseUnavailable as exc:
             self.database_error = self.database_error or str(exc)
             for item in self._unwritten:
@@ -421,7 +389,7 @@ class Engine:
         exhausted = False
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wxpay-close")
         try:
-            with self._first_ctrl_c_stops():
+            with first_ctrl_c_calls(self._interrupt):
                 while True:
                     if not exhausted and not self.stopping and len(in_flight) < REFILL_BELOW * self.workers:
                         jobs = self._claimed(next_batch, MAX_UNFINISHED * self.workers - len(in_flight))
@@ -439,7 +407,7 @@ class Engine:
                     self.write()
                 self.write()
                 try:
-                    self.with_database(self.give_back_retries)
+                    with_database(self.db, self.give_back_retries)
                 except DatabaseUnavailable as exc:
                     self.database_error = self.database_error or str(exc)
         finally:
@@ -452,26 +420,6 @@ class Engine:
         if self.interrupted:
             raise KeyboardInterrupt
         return self.report
-
-    @contextmanager
-    def _first_ctrl_c_stops(self) -> Iterator[None]:
-        """The first Ctrl-C (SIGINT) only sets `interrupted`: claims and sends stop, and what is in flight is
-        written, without an exception landing in the middle of a claim or a write. A second one does what
-        SIGINT did before (KeyboardInterrupt: stop now). Signal handlers belong to the main thread: elsewhere
-        (the admin action in a web worker thread) nothing changes."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def first(signum: int, frame: Any) -> None:
-            self.interrupted = True
-            signal.signal(signal.SIGINT, previous)
-
-        previous = signal.signal(signal.SIGINT, first)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     def _claimed(self, next_batch: Callable[[int], list[Job] | None], size: int) -> list[Job] | None:
         try:
