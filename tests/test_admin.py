@@ -35,8 +35,9 @@ from django_wxpay_close.wechat import Outcome
 CHANGELIST = "admin:django_wxpay_close_order_changelist"
 
 
-def post_action(client: Client, orders: list[Order], *, confirm: bool = False) -> Any:
-    data: dict[str, Any] = {"action": "close_selected_orders", ACTION_CHECKBOX_NAME: [order.pk for order in orders]}
+def post_action(client: Client, orders: list[Order], *, confirm: bool = False,
+                action: str = "close_selected_orders") -> Any:
+    data: dict[str, Any] = {"action": action, ACTION_CHECKBOX_NAME: [order.pk for order in orders]}
     if confirm:
         data["confirm"] = "yes"
     return client.post(reverse(CHANGELIST), data, follow=confirm)

@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.db import connection
 from django.test import Client
 from django.urls import reverse
@@ -21,7 +20,7 @@ from django_wxpay_close.services import check_orders, close_order, sweep_expired
 from django_wxpay_close.testing import Fault
 from django_wxpay_close.testing import OrderState as RemoteState
 
-from .test_admin import CHANGELIST, messages_of, order_page, viewer  # noqa: F401 - viewer is a fixture
+from .test_admin import CHANGELIST, messages_of, order_page, post_action, viewer  # noqa: F401 - viewer is a fixture
 from .test_asking_wechat import closed_unclearly, held_by_a_client_bug, set_remote
 from .test_fault_matrix import make_due, refreshed
 
@@ -29,10 +28,7 @@ ATTEMPTS = "admin:django_wxpay_close_closeattempt_changelist"
 
 
 def post_check(client: Client, orders: list[Order], *, confirm: bool = False) -> Any:
-    data: dict[str, Any] = {"action": "check_status_at_wechat", ACTION_CHECKBOX_NAME: [order.pk for order in orders]}
-    if confirm:
-        data["confirm"] = "yes"
-    return client.post(reverse(CHANGELIST), data, follow=confirm)
+    return post_action(client, orders, confirm=confirm, action="check_status_at_wechat")
 
 
 @pytest.fixture
