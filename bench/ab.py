@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("ref", help="the git commit (or branch, tag) to compare this checkout with")
     parser.add_argument("--pairs", type=int, default=3, help="runs per side, alternated (default 3)")
     parser.add_argument("--orders", type=int, default=4000, help="backlog per run (default 4000)")
-    parser.add_argument("--workers", type=int, default=32, help="concurrent requests (default 32)")
+    parser.add_argument("--workers", type=int, default=32, help="concurrent requests per process (default 32)")
+    parser.add_argument("--processes", type=int, default=1, help="sweeper processes (default 1)")
     parser.add_argument("--latency", type=float, default=0.05, help="simulator latency in seconds (default 0.05)")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES,
                         help=f"database, created if missing; its tables are emptied (default {DEFAULT_POSTGRES})")
@@ -49,7 +50,7 @@ def main() -> None:
     backend = runner.postgres_backend(args.postgres_url)
     if backend is None:
         raise SystemExit(f"nothing answers at {args.postgres_url}: the comparison needs PostgreSQL")
-    limit = args.workers / args.latency
+    limit = args.processes * args.workers / args.latency
     with tempfile.TemporaryDirectory(prefix="wxpay-ab-") as tmp, ExitStack() as cleanup:
         base = Path(tmp) / "ref"
         subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(base), args.ref], cwd=runner.ROOT,
@@ -61,7 +62,8 @@ def main() -> None:
                       for name, root in roots.items()}
 
         def side(name: str) -> Callable[[], dict[str, Any]]:
-            return lambda: _sweep(name, roots[name], simulators[name], backend, args.orders, args.workers, limit)
+            return lambda: _sweep(name, roots[name], simulators[name], backend, args.orders, args.workers,
+                                  args.processes, limit)
 
         runs = alternate({name: side(name) for name in roots}, args.pairs)
     print()
@@ -84,13 +86,14 @@ def main() -> None:
 
 
 def _sweep(name: str, root: Path, simulator: SimulatorProcess, backend: runner.Backend, orders: int, workers: int,
-           limit: float) -> dict[str, Any]:
+           processes: int, limit: float) -> dict[str, Any]:
     """Seed a fresh backlog and sweep it with `root`'s code; the median window's share of the limit, CPU."""
     runner.run("seed", backend=backend, orders=orders)
     watcher = DatabaseLoad(backend.url, urlsplit(backend.url).path.lstrip("/"))
     load = watcher.start() if watcher.available else None
     try:
-        result = runner.run("sweep", backend=backend, base_url=simulator.base_url, root=root, workers=workers)
+        result = runner.run("sweep", backend=backend, base_url=simulator.base_url, root=root, workers=workers,
+                            processes=processes)
     finally:
         database = load.stop() if load is not None else None
     rate = statistics.median(result["window_closes_per_s"])

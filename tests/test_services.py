@@ -9,8 +9,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import ProtectedError
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from django_wxpay_close import signals
@@ -271,6 +272,50 @@ def test_completing_an_audit_row_takes_the_answer_only_never_the_request(make_or
         attempt.complete(request_xml="<xml>rewritten</xml>", reason="answered")
     attempt = CloseAttempt.objects.get(pk=attempt.pk)
     assert attempt.request_xml == "<xml>as sent</xml>" and not attempt.is_finished
+
+
+def _unfinished_rows(order: Order, count: int) -> list[CloseAttempt]:
+    return [CloseAttempt.objects.create(order=order, merchant=order.merchant, mch_id=order.mch_id,
+                                        sub_mch_id=order.sub_mch_id, out_trade_no=order.out_trade_no,
+                                        trigger=Trigger.CODE, url="https://loopback/pay/closeorder",
+                                        sign_type="HMAC-SHA256", request_xml=f"<xml>request {n}</xml>")
+            for n in range(count)]
+
+
+def _answer(n: int) -> dict[str, Any]:
+    return {"outcome": Outcome.CLOSED.value, "return_code": "SUCCESS", "http_status": 200, "duration_ms": n,
+            "response_body": f"<xml>answer {n}</xml>", "signature_verified": True}
+
+
+def test_rows_completed_together_each_keep_their_own_answer(make_order):
+    rows = _unfinished_rows(make_order(), 3)
+    assert CloseAttempt.objects.complete_each({row: _answer(n) for n, row in enumerate(rows)}) == 3
+    stored = CloseAttempt.objects.order_by("pk")
+    assert [(row.response_body, row.duration_ms, row.outcome) for row in stored] == [
+        (f"<xml>answer {n}</xml>", n, Outcome.CLOSED) for n in range(3)]
+    assert all(row.completed_at is not None and row.request_xml == f"<xml>request {n}</xml>"
+               for n, row in enumerate(stored))
+
+
+def test_completing_rows_together_leaves_a_row_completed_before_untouched_and_uncounted(make_order):
+    rows = _unfinished_rows(make_order(), 2)
+    rows[0].complete(reason="abandoned")
+    assert CloseAttempt.objects.complete_each({row: _answer(n) for n, row in enumerate(rows)}) == 1
+    first = CloseAttempt.objects.get(pk=rows[0].pk)
+    assert (first.reason, first.response_body) == ("abandoned", "")
+
+
+def test_completing_more_rows_together_than_one_statement_can_carry_completes_every_one(make_order):
+    rows = _unfinished_rows(make_order(), 300)  # 1,200 parameters: beyond SQLite's 999 in one statement
+    assert CloseAttempt.objects.complete_each({row: _answer(n) for n, row in enumerate(rows)}) == 300
+    assert sorted(CloseAttempt.objects.values_list("duration_ms", flat=True)) == list(range(300))
+
+
+def test_rows_are_completed_with_their_answers_only(make_order):
+    row = _unfinished_rows(make_order(), 1)[0]
+    with pytest.raises(AuditTrailError, match="request_xml"):
+        CloseAttempt.objects.complete_each({row: {**_answer(0), "request_xml": "<xml>rewritten</xml>"}})
+    assert not CloseAttempt.objects.get(pk=row.pk).is_finished
 
 
 def test_the_api_key_is_stored_nowhere_in_the_audit_trail(make_order, simulator):
@@ -549,6 +594,32 @@ def test_the_sweep_reports_an_order_only_once_its_answer_is_written(make_order, 
     report = sweep_expired_orders(workers=4, on_result=on_result)
     assert report.by_action == {CloseAction.CLOSED: 12}
     assert seen_in_database == [OrderState.CLOSED] * 12
+
+
+def test_answers_that_come_back_together_are_written_together(make_order, simulator):
+    simulator.latency = 0.05
+    for _ in range(16):
+        make_order()
+    audit_table = connection.ops.quote_name(CloseAttempt._meta.db_table)
+    with CaptureQueriesContext(connection) as queries:
+        report = sweep_expired_orders(workers=16)
+    assert report.by_action == {CloseAction.CLOSED: 16}
+    completions = [query for query in queries.captured_queries if query["sql"].startswith(f"UPDATE {audit_table}")]
+    assert 1 <= len(completions) <= 4, "16 answers, one UPDATE each"
+
+
+def test_an_answer_is_written_without_waiting_for_slower_ones(make_order, simulator):
+    fast, slow = make_order(), make_order()
+    simulator.inject(Fault.DELAY, out_trade_no=slow.out_trade_no, delay=0.6)
+    slow_row_when_fast_was_reported: list[bool] = []
+
+    def on_result(result: Any) -> None:
+        if result.order_id == fast.pk:
+            slow_row_when_fast_was_reported.append(CloseAttempt.objects.get(order=slow).is_finished)
+
+    report = close_orders([fast, slow], workers=2, on_result=on_result)
+    assert report.by_action == {CloseAction.CLOSED: 2}
+    assert slow_row_when_fast_was_reported == [False]
 
 
 def test_the_order_passed_to_close_order_is_refreshed_and_can_be_closed_again(make_order, simulator):

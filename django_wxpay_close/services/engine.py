@@ -8,8 +8,9 @@ In each process one thread (the caller's) does all the database work and a pool 
    rows (one bulk INSERT), after settling as abandoned the rows a lapsed claim left unfinished;
 2. send: the committed batch goes to the pool; a worker sends a request only while its lease still covers a
    whole exchange, and never for a merchant halted meanwhile or once the run is stopping;
-3. record: as answers come back, this thread writes them a few per transaction: the orders first (one UPDATE
-   per group of equal decisions, conditional on our claim and on the open state), then each audit row.
+3. record: as answers come back, this thread writes them together, once half the workers' worth are in or the
+   first has waited WRITE_AFTER: the orders first (one UPDATE per group of equal decisions, conditional on our
+   claim and on the open state), then the audit rows (one UPDATE that gives each row its own answer).
 At most two batches (2 x workers orders) are claimed and unanswered at once: a kill leaves no more unfinished
 rows than that, and the next close of each of those orders settles them.
 
@@ -52,6 +53,9 @@ LATE_ANSWER = gettext_noop("answered after another close took the order over")
 # MAX_UNFINISHED x workers (so a worker never waits for a claim, and a kill leaves a bounded number of rows).
 REFILL_BELOW = 1.5
 MAX_UNFINISHED = 2
+# Answers are written together once half the workers' worth have come back, or once the oldest has waited this
+# long: fewer, larger transactions when answers trickle in (a few workers, a slow WeChat), at most this much later.
+WRITE_AFTER = 0.05
 
 
 class Engine:
@@ -79,6 +83,7 @@ class Engine:
         self.failed_claims: set[int] = set()  # orders whose claim cannot be written: not tried again this run
         self.report = report or CloseReport()
         self._unwritten: list[Verdict | Answer] = []
+        self._first_unwritten_at = 0.0  # time.monotonic() when the oldest of them was taken
 
     def require_autocommit(self) -> None:
         require_autocommit(self.db)
@@ -201,6 +206,8 @@ class Engine:
     def take(self, answer: Answer) -> None:
         """Decide what an answer means for its order, to be written with the next few."""
         job, result = answer.job, answer.result
+        if not self._unwritten:
+            self._first_unwritten_at = time.monotonic()
         if result is None:
             self._unwritten.append(answer)
             return
@@ -275,10 +282,9 @@ class Engine:
                         pk__in=ids, claim_token=self.token, state=OrderState.OPEN).update(**group[0].decision.values)
                     if changed != len(ids):
                         raise _Regroup
-                for verdict in verdicts:
-                    assert verdict.answer.result is not None
-                    if not verdict.answer.job.attempt.complete(**audit_answer(verdict.answer.result)):
-                        raise _Regroup  # settled as abandoned meanwhile: a late answer, kept on its own
+                answers = {verdict.answer.job.attempt: audit_answer(verdict.result) for verdict in verdicts}
+                if CloseAttempt.objects.using(self.db).complete_each(answers) != len(verdicts):
+                    raise _Regroup  # one was settled as abandoned meanwhile: a late answer, kept on its own
                 self._release_unsent(unsent)
                 for verdict in verdicts:
                     self._applied(verdict)
@@ -400,11 +406,12 @@ class Engine:
                             continue  # every order claimed was unsendable: claim again
                     if not in_flight:
                         break
-                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    done, _ = wait(in_flight, timeout=self._write_due_in(), return_when=FIRST_COMPLETED)
                     for future in done:
                         self.take(future.result())
                         del in_flight[future]
-                    self.write()
+                    if self._write_due_in() == 0 or not in_flight:
+                        self.write()
                 self.write()
                 try:
                     with_database(self.db, self.give_back_retries)
@@ -420,6 +427,14 @@ class Engine:
         if self.interrupted:
             raise KeyboardInterrupt
         return self.report
+
+    def _write_due_in(self) -> float | None:
+        """Seconds until the answers taken so far are to be written (0: now); None when there are none."""
+        if not self._unwritten:
+            return None
+        if len(self._unwritten) * 2 >= self.workers:
+            return 0
+        return max(self._first_unwritten_at + WRITE_AFTER - time.monotonic(), 0)
 
     def _claimed(self, next_batch: Callable[[int], list[Job] | None], size: int) -> list[Job] | None:
         try:

@@ -120,6 +120,11 @@ class Verdict:
     answer: Answer
     decision: Decision
 
+    @property
+    def result(self) -> CloseResult | QueryResult:
+        assert self.answer.result is not None  # only an answer WeChat gave has a decision
+        return self.answer.result
+
 
 class Caller(Protocol):
     """Who sends: the engine's settings and the audit fields of its caller."""
