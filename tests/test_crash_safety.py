@@ -81,7 +81,7 @@ def crash(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, make_or
     return Crash(killed_at, in_flight, unfinished - in_flight, frozenset(claimed), orders)
 
 
-def test_a_killed_sweeper_leaves_at_most_two_unfinished_rows_per_worker_one_in_flight_and_one_written_ahead(
+def test_a_killed_sweeper_leaves_at_most_three_unfinished_rows_per_worker_one_in_flight_and_two_written_ahead(
     crash: Crash, simulator: WeChatPaySimulator,
 ):
     unfinished = CloseAttempt.objects.unfinished()

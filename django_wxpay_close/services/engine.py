@@ -11,8 +11,9 @@ In each process one thread (the caller's) does all the database work and a pool 
 3. record: as answers come back, this thread writes them together, once half the workers' worth are in or the
    first has waited WRITE_AFTER: the orders first (one UPDATE per group of equal decisions, conditional on our
    claim and on the open state), then the audit rows (one UPDATE that gives each row its own answer).
-At most two batches (2 x workers orders) are claimed and unanswered at once: a kill leaves no more unfinished
-rows than that, and the next close of each of those orders settles them.
+At most 3 x workers orders are claimed and unanswered at once (one request per worker, and up to two batches
+of `workers` waiting behind them): a kill leaves no more unfinished rows than that, and the next close of each of
+those orders settles them.
 
 These functions must not run inside `transaction.atomic()`: a rollback of the caller's transaction would
 erase audit rows of requests that really went out. They raise `TransactionManagementError` if called that way.
@@ -49,10 +50,11 @@ T = TypeVar("T")
 ABANDONED = gettext_noop("no answer was recorded: the process stopped or lost its database")
 STOPPING = gettext_noop("not sent: the run was stopping")
 LATE_ANSWER = gettext_noop("answered after another close took the order over")
-# Claimed and unanswered orders: a new batch is claimed when fewer than REFILL_BELOW x workers are left, up to
-# MAX_UNFINISHED x workers (so a worker never waits for a claim, and a kill leaves a bounded number of rows).
-REFILL_BELOW = 1.5
-MAX_UNFINISHED = 2
+# Claimed and unanswered orders: a new batch (at least `workers` orders) is claimed when fewer than REFILL_BELOW x
+# workers are left, up to MAX_UNFINISHED x workers: a worker never waits for a claim, a claim is large enough to be
+# cheap per order, and a kill leaves a bounded number of rows.
+REFILL_BELOW = 2
+MAX_UNFINISHED = 3
 # Answers are written together once half the workers' worth have come back, or once the oldest has waited this
 # long: fewer, larger transactions when answers trickle in (a few workers, a slow WeChat), at most this much later.
 WRITE_AFTER = 0.05
