@@ -90,8 +90,9 @@ def render(results: dict[str, Any]) -> str:
         out += _table(["workers", "who", "runs", "closes/s", "limit/s", "of limit", "p50 / p99 ms", *_CPU_HEADER,
                        "SQL/close", "transactions/close", "connections", _BUSY_HEADER, "peak RSS MiB",
                        "each order sent once"], rows) + [""]
-        rows = [[workers, f"{entry['ours_to_reference']['ours']} ÷ {entry['ours_to_reference']['reference']}",
-                 _fig(entry["ours_to_reference"]["closes_per_s"], "{:.2f}")] for workers, entry in sweep.items()]
+        rows = [[workers, f"{entry[key]['ours']} ÷ {entry[key]['reference']}", _fig(entry[key]["closes_per_s"], "{:.2f}")]
+                for workers, entry in sweep.items() for key in ("ours_to_reference", "ours_to_client_alone")
+                if key in entry]
         out += _table(["workers", "closes/s, run by run", "ratio"], rows) + [""]
     if backoff := results.get("backoff"):
         latency_ms = results["plan"]["latency"] * 1000

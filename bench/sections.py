@@ -169,21 +169,29 @@ def _against(runs: Mapping[str, list[Sample]], ours: str, reference: str) -> dic
     return {"ours": ours, "reference": reference, "closes_per_s": ratio(rates(ours), rates(reference)).as_dict()}
 
 
+CLIENT_ALONE = "our client alone, no database"
+
+
 def sweep_throughput(plan: Plan, backend: Backend, sim: SimulatorProcess) -> dict[str, Any]:
     """close_expired_orders per worker count, alternated with the reference sweep (wechatpy in a thread pool,
-    bench/tasks/reference.py), each over a fresh backlog of the same size on the same database."""
+    bench/tasks/reference.py), each over a fresh backlog of the same size on the same database. At the largest
+    worker count, our client alone in a thread pool (no database) too: what this machine and simulator allow."""
     results: dict[str, Any] = {}
-    ours, reference = f"ours/{backend.name}", f"reference/{backend.name}"
+    ours, reference, alone = f"ours/{backend.name}", f"reference/{backend.name}", CLIENT_ALONE
     for workers in plan.workers:
+        largest = workers == max(plan.workers)
         sides = {ours: _measured("sweep", backend, sim, plan.sweep_orders, workers=workers),
                  reference: _measured("reference", backend, sim, plan.sweep_orders, workers=workers)}
-        repeats = plan.target_runs if workers == max(plan.workers) else 1
-        runs = alternate(sides, repeats)
+        if largest:
+            sides[alone] = _bare("pool", sim, plan.sweep_orders, workers, sender="ours")
+        runs = alternate(sides, plan.target_runs if largest else 1)
         limit = _limit(workers, sim.latency)
         results[str(workers)] = {
             "sides": {name: _summary(samples, limit) for name, samples in runs.items()},
             "ours_to_reference": _against(runs, ours, reference),
         }
+        if largest:
+            results[str(workers)]["ours_to_client_alone"] = _against(runs, ours, alone)
     return results
 
 
