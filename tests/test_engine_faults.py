@@ -409,3 +409,31 @@ def test_an_answer_that_comes_after_another_caller_took_the_order_over_is_record
     assert attempt.outcome == Outcome.CLOSED and "applied nothing" in attempt.reason
     order.refresh_from_db()
     assert order.state == OrderState.OPEN and order.attempt_count == 0
+
+
+def test_a_sweep_never_claims_again_an_order_whose_answer_it_is_still_waiting_for(
+    make_order: Callable[..., Order], simulator: WeChatPaySimulator,
+) -> None:
+    slow = make_order(expired_for=timedelta(hours=1))  # the first claimed
+    simulator.inject(Fault.DELAY, out_trade_no=slow.out_trade_no, delay=0.8)
+    others = [make_order() for _ in range(40)]
+    simulator.latency = 0.05  # the run claims again and again while the slow answer is on its way
+    reports: list[Any] = []
+
+    def sweep() -> None:
+        try:
+            reports.append(sweep_expired_orders(workers=2))
+        finally:
+            connections.close_all()
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    wait_for(lambda: simulator.close_requests_for(slow.out_trade_no) == 1, timeout=5)
+    # Taken over by another sweeper, which gave it back unsent: due again, first in line, another run's token on it.
+    Order.objects.filter(pk=slow.pk).update(claim_token=uuid.uuid4(), in_flight=False,
+                                            due_at=timezone.now() - timedelta(hours=2))
+    sweeper.join()
+
+    [report] = reports
+    assert simulator.close_requests_for(slow.out_trade_no) == 1
+    assert report.by_action == {CloseAction.CLOSED: len(others), CloseAction.CLAIM_LOST: 1}

@@ -180,7 +180,8 @@ def sweep_expired_orders(
         candidates = orders_due_for_closing(min_order_age=settings.min_order_age, merchants=merchants,
                                             exclude_merchants=list(engine.judgement.halted), older_than=older_than,
                                             using=engine.db)
-        # Never an order this run claimed before (its token stays on it): one run sends one request per order.
+        # Never an order this run gave back (its token stays on it; the engine leaves out those it still waits for or
+        # lost to another claim): one run sends one request per order.
         candidates = candidates.exclude(claim_token=engine.token)
         if engine.failed_claims:
             candidates = candidates.exclude(pk__in=engine.failed_claims)

@@ -85,6 +85,11 @@ class Engine:
         self.failed_claims: set[int] = set()  # orders whose claim cannot be written: not tried again this run
         self.report = report or CloseReport()
         self._unwritten: list[Verdict | Answer] = []
+        # Never claimed again by this run (with the orders it gave back, which keep its token): those whose answers
+        # are not written yet (taken over and due again meanwhile, the pending answer would pass for the new
+        # claim's), and those another claim took over.
+        self._awaited: set[int] = set()
+        self._taken_over: set[int] = set()
         self._first_unwritten_at = 0.0  # time.monotonic() when the oldest of them was taken
 
     def require_autocommit(self) -> None:
@@ -115,6 +120,8 @@ class Engine:
         """
         lease_ends = time.monotonic() + self.settings.claim_timeout.total_seconds()
         selected: list[Order] = []
+        if self._awaited or self._taken_over:
+            candidates = candidates.exclude(pk__in=self._awaited | self._taken_over)
 
         def step() -> tuple[list[Job], list[Order], list[Unsendable]]:
             with transaction.atomic(using=self.db):
@@ -163,6 +170,7 @@ class Engine:
             return [], [order]
         for order in orders:
             order.claim_token, order.in_flight = self.token, True
+        self._awaited.update(job.order.pk for job in jobs)
         for problem in unsendable:
             if problem.action is CloseAction.CONFIGURATION_ERROR:
                 self.judgement.configuration_error(problem.order.merchant, problem.reason)
@@ -232,6 +240,11 @@ class Engine:
     def write(self) -> None:
         """Write the answers taken so far, together; if that fails, one answer per transaction. An answer leaves
         the list only once it is committed, so an interrupted write is written again."""
+        taken = [(item.answer if isinstance(item, Verdict) else item).job.order.pk for item in self._unwritten]
+        self._write_taken()
+        self._awaited.difference_update(taken)  # written, or logged for good: these may be claimed again
+
+    def _write_taken(self) -> None:
         if self.database_error:  # the database stayed away: what cannot be written is logged, never dropped
             for item in self._unwritten:
                 self._log_unwritten(item)
@@ -345,9 +358,12 @@ class Engine:
                 action, reason = self._not_applied(job.order, result, decision)
                 answer["reason"] = "; ".join(filter(None, [result.reason, f"applied nothing: {reason}"]))
             if not job.attempt.complete(**answer):  # settled as abandoned by the close that took the order over
-                job.attempt.keep_late_answer(**{**answer, "reason": "; ".join(filter(None, [answer["reason"],
-                                                                                             LATE_ANSWER]))})
+                if action is not CloseAction.CLAIM_LOST:  # (else the reason says so already)
+                    answer["reason"] = "; ".join(filter(None, [answer["reason"], LATE_ANSWER]))
+                job.attempt.keep_late_answer(**answer)
                 action, reason = CloseAction.CLAIM_LOST, LATE_ANSWER
+            if action is CloseAction.CLAIM_LOST:
+                self._taken_over.add(job.order.pk)
             if applied:
                 self._applied(item)
         self._report(item.answer, action, reason)
