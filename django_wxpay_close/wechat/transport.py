@@ -1,5 +1,5 @@
-"""One signed POST over requests' public API: a kept-alive connection pool, a size cap, an overall deadline per
-URL, and failover to the next base URL when the first could not even be connected to.
+"""One signed POST over requests' public API: a kept-alive session, a size cap, an overall deadline per URL, and
+failover to the next base URL when the first could not even be connected to.
 
 Every API of the package (closeorder, orderquery) goes through `Transport.post`; nothing here knows what the
 body means. It never raises for anything the network or the server can do: it returns a `TransportFailure`.
@@ -7,6 +7,7 @@ body means. It never raises for anything the network or the server can do: it re
 
 from __future__ import annotations
 
+import http.cookiejar
 import threading
 import time
 from collections.abc import Sequence
@@ -55,18 +56,11 @@ class BodyTooLarge(Exception):
 
 
 class Transport:
-    """POSTs XML bodies to `{base}{path}` for each base URL in turn, through one `requests` `HTTPAdapter`.
+    """POSTs XML bodies to `{base}{path}` for each base URL in turn, over one `requests.Session`.
 
     A later base URL is used only when an earlier one could not even be connected to: a request that may have
     arrived, or any answer, is never sent elsewhere. Proxy and CA settings from the environment are resolved once,
     here, not per call; redirects are not followed and the adapter makes no retries of its own.
-
-    Requests go to the adapter's public `send` directly, not through a `requests.Session`: a session's per-call
-    work (a new Request merged with the session's headers, cookies, auth and hooks, the environment's settings
-    merged again, the redirect check, the cookie jar updated) was a large share of a close's CPU, and the sweep
-    is bound by one interpreter lock. None of it is wanted here: each URL's request is prepared once, headers
-    included, and copied per call with its body; no cookie is ever sent (every request stands alone) and no
-    redirect followed.
     """
 
     def __init__(
@@ -85,19 +79,24 @@ class Transport:
         self.timeout = (connect_timeout, read_timeout)
         self.deadline = connect_timeout + read_timeout  # per URL, body download included
         self.max_response_bytes = max_response_bytes
-        self.headers = {"User-Agent": user_agent, "Content-Type": "text/xml; charset=utf-8"}
-        self.adapter = HTTPAdapter(pool_connections=len(self.base_urls), pool_maxsize=max(pool_size, 1),
-                                   max_retries=0)
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=len(self.base_urls), pool_maxsize=max(pool_size, 1), max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        # Only these headers: no Accept-Encoding, so the size cap counts the bytes WeChat sent, never a decompression.
+        self.session.headers.clear()
+        self.session.headers.update({"User-Agent": user_agent, "Content-Type": "text/xml; charset=utf-8"})
+        # A cookie WeChat or a proxy sets is never sent back: every request stands alone.
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self._send_options: dict[str, dict[str, Any]] = {}
-        with requests.Session() as environment:  # only to read proxies and CA settings the way requests does
-            for base in self.base_urls:
-                resolved = environment.merge_environment_settings(base + "/", {}, None, None, None)
-                self._send_options[base] = {key: resolved[key] for key in ("proxies", "verify", "cert")}
-        self._prepared: dict[str, requests.PreparedRequest] = {}  # by URL: method, URL and headers, no body
+        for base in self.base_urls:
+            resolved = self.session.merge_environment_settings(base + "/", {}, None, None, None)
+            self._send_options[base] = {key: resolved[key] for key in ("proxies", "verify", "cert")}
+        self.session.trust_env = False
 
     def close(self) -> None:
         """Close the kept-alive connections; a later `post` opens new ones."""
-        self.adapter.close()
+        self.session.close()
 
     def post(self, path: str, body: bytes) -> Delivery:
         failed_over_from: str | None = None
@@ -113,7 +112,8 @@ class Transport:
     def _attempt(self, url: str, body: bytes, options: dict[str, Any]) -> Answer | TransportFailure:
         deadline = time.monotonic() + self.deadline
         try:
-            response = self.adapter.send(self._request(url, body), stream=True, timeout=self.timeout, **options)
+            response = self.session.post(url, data=body, stream=True, timeout=self.timeout, allow_redirects=False,
+                                         **options)
         except requests.RequestException as exc:
             return TransportFailure(_describe(exc), never_connected=_never_connected(exc))
         # Closing a response whose body was not read to its end drops its connection instead of reusing it.
@@ -127,15 +127,6 @@ class Transport:
                                         outcome=Outcome.INVALID_RESPONSE)
             except TimeoutError as exc:
                 return TransportFailure(str(exc))
-
-    def _request(self, url: str, body: bytes) -> requests.PreparedRequest:
-        """The URL's prepared request, copied, with this body (and its Content-Length)."""
-        template = self._prepared.get(url)
-        if template is None:  # a URL requests refuses raises here, inside the caller's handling, on every call
-            template = self._prepared[url] = requests.Request("POST", url, headers=self.headers).prepare()
-        request = template.copy()
-        request.prepare_body(body, None)
-        return request
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         """The body, read as it arrives, never past the size cap nor the deadline."""
