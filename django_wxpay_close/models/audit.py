@@ -66,6 +66,12 @@ ANSWER_FIELDS = frozenset({
     "reason"})
 
 
+def _answer_fields_only(names: Any, what: str) -> None:
+    unknown = set(names) - ANSWER_FIELDS
+    if unknown:
+        raise AuditTrailError(f"{what} with its answer only, not {sorted(unknown)}")
+
+
 class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
     def unfinished(self) -> CloseAttemptQuerySet:
         return self.filter(completed_at__isnull=True)
@@ -73,9 +79,7 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
     def complete(self, **fields: Any) -> int:
         """Complete the unfinished rows among these with their answer, once; a completed row is never touched
         again."""
-        unknown = set(fields) - ANSWER_FIELDS
-        if unknown:
-            raise AuditTrailError(f"a close attempt is completed with its answer only, not {sorted(unknown)}")
+        _answer_fields_only(fields, "a close attempt is completed")
         fields.setdefault("completed_at", timezone.now())
         return models.QuerySet.update(self.unfinished(), **fields)
 
@@ -86,19 +90,20 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
         them, the instances hold their answers too."""
         completed_at = timezone.now()
         rows = {attempt.pk: {"completed_at": completed_at, **answer} for attempt, answer in answers.items()}
-        names = set().union(*rows.values()) if rows else set()
-        unknown = names - ANSWER_FIELDS
-        if unknown:
-            raise AuditTrailError(f"a close attempt is completed with its answer only, not {sorted(unknown)}")
-        if any(row.keys() != names for row in rows.values()):
-            raise AuditTrailError("the answers completed together must set the same fields")
+        if not rows:
+            return 0
         ids = list(rows)
-        varying = sorted(name for name in names if len({repr(row[name]) for row in rows.values()}) > 1)
+        first = rows[ids[0]]
+        _answer_fields_only(first, "a close attempt is completed")
+        if any(row.keys() != first.keys() for row in rows.values()):
+            raise AuditTrailError("the answers completed together must set the same fields")
+        names = set(first)
+        varying = sorted(name for name in names if any(row[name] != first[name] for row in rows.values()))
         size = max(connections[self.db].ops.bulk_batch_size(["pk", "pk", *varying], ids), 1) if varying else len(ids)
         completed = 0
         for start in range(0, len(ids), size):
             chunk = ids[start:start + size]
-            values: dict[str, Any] = {name: rows[chunk[0]][name] for name in names if name not in varying}
+            values: dict[str, Any] = {name: first[name] for name in names if name not in varying}
             for name in varying:
                 field = self.model._meta.get_field(name)
                 assert isinstance(field, models.Field)  # an answer field is a column, never a relation
@@ -206,9 +211,7 @@ class CloseAttempt(AppendOnly):
     def keep_late_answer(self, **answer: Any) -> CloseAttempt:
         """An answer to this request that came after the row was completed (settled as abandoned when another
         close took the order over): kept on a row of its own, tied to this one. The request is not repeated."""
-        unknown = set(answer) - ANSWER_FIELDS
-        if unknown:
-            raise AuditTrailError(f"a late answer is kept with its answer only, not {sorted(unknown)}")
+        _answer_fields_only(answer, "a late answer is kept")
         return CloseAttempt.objects.using(self._state.db).create(
             order_id=self.order_id, late_answer_to=self, merchant=self.merchant, mch_id=self.mch_id,
             sub_mch_id=self.sub_mch_id, out_trade_no=self.out_trade_no, trigger=self.trigger, user_id=self.user_id,
