@@ -3,7 +3,7 @@
 - closing.py: `sweep_expired_orders`, `close_orders`, `close_order`, `check_orders` and `check_order`, all on
   one engine;
 - engine.py: the engine, which claims, sends and records closes and queries (jobs.py: what its threads hand each
-  other);
+  other; recording.py: the statements that record their answers);
 - decisions.py: what an answer (a close's, a query's) means for its order; judgement.py: what a run learns from
   its answers;
 - guards.py: what keeps the engine's thread honest (no caller's transaction, reconnects, the first Ctrl-C);

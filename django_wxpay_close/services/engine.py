@@ -10,7 +10,8 @@ In each process one thread (the caller's) does all the database work and a pool 
    whole exchange, and never for a merchant halted meanwhile or once the run is stopping;
 3. record: as answers come back, this thread writes them together, once half the workers' worth are in or the
    first has waited WRITE_AFTER: the orders first (one UPDATE per group of equal decisions, conditional on our
-   claim and on the open state), then the audit rows (one UPDATE that gives each row its own answer).
+   claim and on the open state), then the audit rows (one UPDATE that gives each row its own answer); when that
+   cannot be committed, one answer per transaction (the statements of both are in recording.py).
 At most 3 x workers orders are claimed and unanswered at once (one request per worker, and up to two batches
 of `workers` waiting behind them): a kill leaves no more unfinished rows than that, and the next close of each of
 those orders settles them.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
@@ -34,22 +34,21 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Now
 from django.utils.translation import gettext_noop
 
-from .. import signals
 from ..conf import CloseSettings
 from ..models import CloseAttempt, Order, OrderState, write_database
 from ..reports import CloseAction, CloseReport
-from ..wechat import CloseResult, QueryResult
-from .decisions import Decision, QueryPurpose, after_state_moved, decide, decide_query, release
+from ..wechat import QueryResult
+from .decisions import QueryPurpose, decide, decide_query, release
 from .guards import DatabaseUnavailable, first_ctrl_c_calls, require_autocommit, with_database
-from .jobs import Answer, Job, Unsendable, Verdict, answered, audit_answer, failed, order_result, prepare, unwritten
+from .jobs import Answer, Job, Unsendable, Verdict, answered, failed, order_result, prepare, unwritten
 from .judgement import MERCHANT_HALTED, Judgement
+from .recording import Regroup, record_failure, release_unsent, write_answer, write_together
 
 logger = logging.getLogger("django_wxpay_close")
 T = TypeVar("T")
 
 ABANDONED = gettext_noop("no answer was recorded: the process stopped or lost its database")
 STOPPING = gettext_noop("not sent: the run was stopping")
-LATE_ANSWER = gettext_noop("answered after another close took the order over")
 # Claimed and unanswered orders: a new batch (at least `workers` orders) is claimed when fewer than REFILL_BELOW x
 # workers are left, up to MAX_UNFINISHED x workers: a worker never waits for a claim, a claim is large enough to be
 # cheap per order, and a kill leaves a bounded number of rows.
@@ -255,7 +254,7 @@ class Engine:
             self._write_together(self._unwritten)
             self._unwritten.clear()
             return
-        except _Regroup:
+        except Regroup:
             pass
 
         def one_by_one() -> None:
@@ -278,126 +277,46 @@ class Engine:
             self._unwritten.clear()
 
     def _write_together(self, pending: list[Verdict | Answer]) -> None:
-        """All these answers in one transaction: each group of equal decisions is one UPDATE of its orders.
-        Raises `_Regroup` (nothing written) when anything is off: a lost connection, a group that changed
-        fewer orders than it holds (a claim lost, a state moved), an order to be looked at on its own."""
+        """All these answers in one transaction; raises `Regroup` (nothing written) when anything is off: a lost
+        connection, a claim lost, a state moved, an order to be looked at on its own."""
         verdicts = [item for item in pending if isinstance(item, Verdict)]
         unsent = [item for item in pending if isinstance(item, Answer)]
         if any(item.error is not None for item in unsent):
-            raise _Regroup
-        groups: dict[tuple[tuple[str, str], ...], list[Verdict]] = defaultdict(list)
-        for verdict in verdicts:
-            groups[verdict.decision.group_key].append(verdict)
+            raise Regroup
         try:
-            with transaction.atomic(using=self.db):
-                # The orders first: their row locks keep other sweepers off them until the answers are committed.
-                for group in groups.values():
-                    ids = [verdict.answer.job.order.pk for verdict in group]
-                    changed = Order.objects.using(self.db).filter(
-                        pk__in=ids, claim_token=self.token, state=OrderState.OPEN).update(**group[0].decision.values)
-                    if changed != len(ids):
-                        raise _Regroup
-                answers = {verdict.answer.job.attempt: audit_answer(verdict.result) for verdict in verdicts}
-                if CloseAttempt.objects.using(self.db).complete_each(answers) != len(verdicts):
-                    raise _Regroup  # one was settled as abandoned meanwhile: a late answer, kept on its own
-                self._release_unsent(unsent)
-                for verdict in verdicts:
-                    self._applied(verdict)
+            write_together(self.db, self.token, verdicts, unsent)
         except (OperationalError, InterfaceError) as exc:
             logger.warning("Lost the database connection (%s); writing the answers again one by one", exc)
             connections[self.db].close()
-            raise _Regroup from None
-        except _Regroup:
+            raise Regroup from None
+        except Regroup:
             raise
         except Exception:  # noqa: BLE001 - found out one by one: which answer cannot be written
-            raise _Regroup from None
+            raise Regroup from None
         for verdict in verdicts:
             self._report(verdict.answer, verdict.decision.action, verdict.decision.reason)
         for answer in unsent:
             self.report.add(order_result(answer.job.order, CloseAction.SKIPPED, answer.not_sent,
                                           attempt=answer.job.attempt))
 
-    def _release_unsent(self, unsent: list[Answer]) -> None:
-        if not unsent:
-            return
-        ids = [answer.job.order.pk for answer in unsent]
-        Order.objects.using(self.db).filter(pk__in=ids, claim_token=self.token, state=OrderState.OPEN).update(
-            **release())
-        by_reason: dict[str, list[int]] = defaultdict(list)
-        for answer in unsent:
-            by_reason[answer.not_sent].append(answer.job.attempt.pk)
-        for reason, attempt_ids in by_reason.items():
-            CloseAttempt.objects.using(self.db).filter(pk__in=attempt_ids).complete(reason=reason)
-
     def _write_one(self, item: Verdict | Answer) -> None:
-        """One answer in its own transaction, however it turned out; an answer whose write committed before
-        (its acknowledgement lost with the connection, or the run interrupted) is only reported."""
-        if isinstance(item, Answer):
-            with transaction.atomic(using=self.db):
-                if item.error is not None:
-                    self._failed(item)
-                else:
-                    self._release_unsent([item])
-            if item.error is None:
-                self.report.add(order_result(item.job.order, CloseAction.SKIPPED, item.not_sent,
-                                              attempt=item.job.attempt))
-            return
-        job, result, decision = item.answer.job, item.answer.result, item.decision
-        assert result is not None
-        answer = audit_answer(result)
-        with transaction.atomic(using=self.db):
-            if CloseAttempt.objects.using(self.db).filter(
-                    pk=job.attempt.pk, outcome=answer["outcome"], response_body=answer["response_body"]).exists():
-                # The commit of the try before landed, though its acknowledgement was lost with the connection.
-                self._report(item.answer, decision.action, decision.reason)
-                return
-            applied = Order.objects.using(self.db).filter(
-                pk=job.order.pk, claim_token=self.token, state=OrderState.OPEN).update(**decision.values)
-            action, reason = decision.action, decision.reason
-            if not applied:
-                action, reason = self._not_applied(job.order, result, decision)
-                answer["reason"] = "; ".join(filter(None, [result.reason, f"applied nothing: {reason}"]))
-            if not job.attempt.complete(**answer):  # settled as abandoned by the close that took the order over
-                if action is not CloseAction.CLAIM_LOST:  # (else the reason says so already)
-                    answer["reason"] = "; ".join(filter(None, [answer["reason"], LATE_ANSWER]))
-                job.attempt.keep_late_answer(**answer)
-                action, reason = CloseAction.CLAIM_LOST, LATE_ANSWER
+        """One answer in its own transaction, reported once it is committed."""
+        if isinstance(item, Verdict):
+            action, reason = write_answer(self.db, self.token, item)
             if action is CloseAction.CLAIM_LOST:
-                self._taken_over.add(job.order.pk)
-            if applied:
-                self._applied(item)
-        self._report(item.answer, action, reason)
-
-    def _not_applied(self, order: Order, result: CloseResult | QueryResult,
-                     decision: Decision) -> tuple[CloseAction, str]:
-        """An answer's UPDATE found nothing to change: the claim was taken over, or the state moved while the close
-        was in flight (a payment recorded, say); then the exchange is still counted and the claim given back."""
-        current = Order.objects.using(self.db).filter(pk=order.pk).values("state", "claim_token").get()
-        if current["claim_token"] != self.token or current["state"] == OrderState.OPEN:
-            return CloseAction.CLAIM_LOST, LATE_ANSWER
-        moved = after_state_moved(current["state"], result, decision)
-        Order.objects.using(self.db).filter(pk=order.pk, claim_token=self.token).update(**moved.values)
-        if moved.signal is not None:  # an incident: WeChat closed an order a payment was recorded for
-            logger.error("closeorder %s: %s", order.out_trade_no, moved.reason,
-                         extra={"order_id": order.pk, "out_trade_no": order.out_trade_no})
-            signals.send_after_commit(moved.signal, order, using=self.db, attempt=None, **moved.signal_kwargs)
-        return moved.action, moved.reason
-
-    def _applied(self, verdict: Verdict) -> None:
-        decision = verdict.decision
-        if decision.signal is not None:
-            signals.send_after_commit(decision.signal, verdict.answer.job.order, using=self.db,
-                                      attempt=verdict.answer.job.attempt, **decision.signal_kwargs)
+                self._taken_over.add(item.answer.job.order.pk)
+            self._report(item.answer, action, reason)
+        elif item.error is not None:  # sending failed on our side (a bug)
+            with transaction.atomic(using=self.db):
+                reason = record_failure(item)
+            self.report.add(failed(item, reason, item.error))
+        else:
+            with transaction.atomic(using=self.db):
+                release_unsent(self.db, self.token, [item])
+            self.report.add(order_result(item.job.order, CloseAction.SKIPPED, item.not_sent, attempt=item.job.attempt))
 
     def _report(self, answer: Answer, action: CloseAction, reason: str) -> None:
         self.report.add(answered(answer, action, reason))
-
-    def _failed(self, answer: Answer) -> None:
-        """Sending failed on our side (a bug): the row says so, the order is given back for a later run."""
-        assert answer.error is not None
-        reason = f"{type(answer.error).__name__}: {answer.error}"
-        answer.job.attempt.complete(reason=f"not sent: {reason}")
-        self.report.add(failed(answer, reason, answer.error))
 
     def _log_unwritten(self, item: Verdict | Answer, exc: BaseException | None = None) -> None:
         answer = item.answer if isinstance(item, Verdict) else item
@@ -465,6 +384,3 @@ class Engine:
             self.claiming_failed = f"claiming failed: {type(exc).__name__}: {exc}"
             return None
 
-
-class _Regroup(Exception):
-    """The answers written together must be written one by one instead (nothing of the try was committed)."""
