@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -85,7 +86,8 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
 
     def complete_each(self, answers: Mapping[CloseAttempt, Mapping[str, Any]]) -> int:
         """Complete each unfinished row with its own answer, once, in as few UPDATEs as the database's parameter
-        limit allows: a field every answer shares is set as it is, a field that differs is chosen per row (CASE).
+        limit allows: a field every answer shares is set as it is, a field that differs is chosen by row (CASE,
+        one WHEN per value: the rows of an equal value share it).
         Returns how many rows were completed (a row completed before is left untouched); when that is all of
         them, the instances hold their answers too."""
         completed_at = timezone.now()
@@ -99,7 +101,9 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
             raise AuditTrailError("the answers completed together must set the same fields")
         names = set(first)
         varying = sorted(name for name in names if any(row[name] != first[name] for row in rows.values()))
-        size = max(connections[self.db].ops.bulk_batch_size(["pk", "pk", *varying], ids), 1) if varying else len(ids)
+        # Parameters per row at most: its id in the filter, its id and value in each varying field's CASE; the
+        # shared fields' values counted with every row too, so a statement never carries more than the limit.
+        size = max(connections[self.db].ops.bulk_batch_size(["pk", *names, *varying], ids), 1)
         completed = 0
         for start in range(0, len(ids), size):
             chunk = ids[start:start + size]
@@ -107,8 +111,11 @@ class CloseAttemptQuerySet(AppendOnlyQuerySet["CloseAttempt"]):
             for name in varying:
                 field = self.model._meta.get_field(name)
                 assert isinstance(field, models.Field)  # an answer field is a column, never a relation
-                values[name] = Case(*(When(pk=pk, then=Value(rows[pk][name], output_field=field)) for pk in chunk),
-                                    output_field=field)
+                rows_by_value: dict[Any, list[int]] = defaultdict(list)  # rows with one value share one WHEN
+                for pk in chunk:
+                    rows_by_value[rows[pk][name]].append(pk)
+                values[name] = Case(*(When(pk__in=pks, then=Value(value, output_field=field))
+                                      for value, pks in rows_by_value.items()), output_field=field)
             completed += models.QuerySet.update(self.unfinished().filter(pk__in=chunk), **values)
         if completed == len(rows):
             for attempt in answers:
