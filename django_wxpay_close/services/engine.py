@@ -42,7 +42,7 @@ from .decisions import QueryPurpose, decide, decide_query, release
 from .guards import DatabaseUnavailable, first_ctrl_c_calls, require_autocommit, with_database
 from .jobs import Answer, Job, Unsendable, Verdict, answered, failed, order_result, prepare, unwritten
 from .judgement import MERCHANT_HALTED, Judgement
-from .recording import Regroup, record_failure, release_unsent, write_answer, write_together
+from .recording import record_failure, release_unsent, write_answer, write_together
 
 logger = logging.getLogger("django_wxpay_close")
 T = TypeVar("T")
@@ -250,12 +250,9 @@ class Engine:
             self._unwritten.clear()
         if not self._unwritten:
             return
-        try:
-            self._write_together(self._unwritten)
+        if self._written_together(self._unwritten):
             self._unwritten.clear()
             return
-        except Regroup:
-            pass
 
         def one_by_one() -> None:
             while self._unwritten:
@@ -276,28 +273,27 @@ class Engine:
                 self._log_unwritten(item)
             self._unwritten.clear()
 
-    def _write_together(self, pending: list[Verdict | Answer]) -> None:
-        """All these answers in one transaction; raises `Regroup` (nothing written) when anything is off: a lost
-        connection, a claim lost, a state moved, an order to be looked at on its own."""
+    def _written_together(self, pending: list[Verdict | Answer]) -> bool:
+        """All these answers in one transaction; False (nothing written) when anything is off: a lost connection,
+        a claim lost, a state moved, an order to be looked at on its own."""
         verdicts = [item for item in pending if isinstance(item, Verdict)]
         unsent = [item for item in pending if isinstance(item, Answer)]
         if any(item.error is not None for item in unsent):
-            raise Regroup
+            return False
         try:
             write_together(self.db, self.token, verdicts, unsent)
         except (OperationalError, InterfaceError) as exc:
             logger.warning("Lost the database connection (%s); writing the answers again one by one", exc)
             connections[self.db].close()
-            raise Regroup from None
-        except Regroup:
-            raise
-        except Exception:  # noqa: BLE001 - found out one by one: which answer cannot be written
-            raise Regroup from None
+            return False
+        except Exception:  # noqa: BLE001 - Regroup, or found out one by one: which answer cannot be written
+            return False
         for verdict in verdicts:
             self._report(verdict.answer, verdict.decision.action, verdict.decision.reason)
         for answer in unsent:
             self.report.add(order_result(answer.job.order, CloseAction.SKIPPED, answer.not_sent,
                                           attempt=answer.job.attempt))
+        return True
 
     def _write_one(self, item: Verdict | Answer) -> None:
         """One answer in its own transaction, reported once it is committed."""
