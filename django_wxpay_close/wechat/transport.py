@@ -93,6 +93,7 @@ class Transport:
             resolved = self.session.merge_environment_settings(base + "/", {}, None, None, None)
             self._send_options[base] = {key: resolved[key] for key in ("proxies", "verify", "cert")}
         self.session.trust_env = False
+        self._prepared: dict[str, requests.PreparedRequest] = {}  # by URL, without a body
 
     def close(self) -> None:
         """Close the kept-alive connections; a later `post` opens new ones."""
@@ -112,8 +113,8 @@ class Transport:
     def _attempt(self, url: str, body: bytes, options: dict[str, Any]) -> Answer | TransportFailure:
         deadline = time.monotonic() + self.deadline
         try:
-            response = self.session.post(url, data=body, stream=True, timeout=self.timeout, allow_redirects=False,
-                                         **options)
+            response = self.session.send(self._request(url, body), stream=True, timeout=self.timeout,
+                                         allow_redirects=False, **options)
         except requests.RequestException as exc:
             return TransportFailure(_describe(exc), never_connected=_never_connected(exc))
         # Closing a response whose body was not read to its end drops its connection instead of reusing it.
@@ -127,6 +128,17 @@ class Transport:
                                         outcome=Outcome.INVALID_RESPONSE)
             except TimeoutError as exc:
                 return TransportFailure(str(exc))
+
+    def _request(self, url: str, body: bytes) -> requests.PreparedRequest:
+        """The URL's request as the session prepares it (method, URL, our headers), prepared once and copied
+        per call with this body: requests' documented prepared-request path, without merging the session's
+        settings again for every close."""
+        template = self._prepared.get(url)
+        if template is None:  # a URL requests refuses raises here, inside the caller's handling, on every call
+            template = self._prepared[url] = self.session.prepare_request(requests.Request("POST", url))
+        request = template.copy()
+        request.prepare_body(body, None)
+        return request
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         """The body, read as it arrives, never past the size cap nor the deadline."""
