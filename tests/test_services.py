@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import requests
 from django.db import connection, connections, transaction
 from django.db.models import ProtectedError
 from django.test.utils import CaptureQueriesContext
@@ -551,6 +552,26 @@ def test_a_failure_writing_one_answer_is_reported_for_it_and_the_other_answers_a
     states = dict(Order.objects.values_list("out_trade_no", "state"))
     assert states.pop(broken) == OrderState.OPEN and set(states.values()) == {OrderState.CLOSED}
     assert CloseAttempt.objects.get(out_trade_no=broken).completed_at is None  # sent, answer not recorded: true
+
+
+def test_a_bug_while_sending_one_order_is_reported_for_it_and_its_row_says_it_was_not_sent(make_order, simulator,
+                                                                                          monkeypatch):
+    orders = [make_order() for _ in range(3)]
+    broken = orders[1].out_trade_no
+    send = requests.Session.send
+
+    def fails_for_the_broken_order(session: requests.Session, request: Any, **kwargs: Any) -> Any:
+        if broken.encode() in request.body:
+            raise RuntimeError("a bug below the client")
+        return send(session, request, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "send", fails_for_the_broken_order)
+    report = sweep_expired_orders(workers=3)
+    assert report.by_action == {CloseAction.CLOSED: 2, CloseAction.FAILED: 1} and report.has_alarms
+    row = CloseAttempt.objects.get(out_trade_no=broken)
+    assert row.reason == "not sent: RuntimeError: a bug below the client" and row.has_no_answer
+    assert Order.objects.get(out_trade_no=broken).state == OrderState.OPEN
+    assert simulator.close_requests_for(broken) == 0
 
 
 def test_the_admin_action_keeps_as_many_requests_in_flight_as_it_has_workers(make_order, simulator):
