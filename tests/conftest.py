@@ -73,12 +73,17 @@ def simulator() -> Iterator[WeChatPaySimulator]:
 
 @pytest.fixture
 def wxpay_settings(settings: Any, simulator: WeChatPaySimulator) -> dict[str, Any]:
-    """WXPAY_CLOSE pointing at the simulator, short timeouts, no backoff wait worth mentioning."""
+    """WXPAY_CLOSE pointing at the simulator, the example project's timeouts, no backoff wait worth mentioning.
+
+    The timeouts are generous on purpose: on a loaded machine (CI runs two passes at once on two CPUs) a loopback
+    answer can take a second, and a timeout would turn an answer a test is about into a network error. A test
+    about a timeout sets its own short one beside the delay it injects.
+    """
     settings.WXPAY_CLOSE = {
         "MERCHANTS": {"default": merchant_config(), "other": merchant_config(OTHER_MCH_ID, OTHER_API_KEY)},
         "BASE_URL": simulator.base_url,
-        "CONNECT_TIMEOUT": 1.0,
-        "READ_TIMEOUT": 1.0,
+        "CONNECT_TIMEOUT": 2.0,
+        "READ_TIMEOUT": 5.0,
         "CLAIM_TIMEOUT": timedelta(seconds=30),
         "MAX_ATTEMPTS": 3,
         "WORKERS": 4,
