@@ -216,7 +216,8 @@ def database_fault(transactional_db: None) -> Iterator[Callable[..., None]]:
 
     `database_fault("closeattempt", "UPDATE", out_trade_no=...)` fails the writes of an answer (an UPDATE that
     sets an outcome) for that order; "INSERT" fails the audit row's insert; `delay=1.5` stalls the write instead
-    (PostgreSQL only). The error is one the service cannot mistake for a lost connection. Dropped afterwards.
+    (PostgreSQL only): each transaction that writes such a row waits that long once, however many rows it writes.
+    The error is one the service cannot mistake for a lost connection. Dropped afterwards.
     """
     created: list[tuple[str, str]] = []
 
@@ -230,7 +231,11 @@ def database_fault(transactional_db: None) -> Iterator[Callable[..., None]]:
             conditions.append("NEW.outcome <> ''")
         with connection.cursor() as cursor:
             if connection.vendor == "postgresql":
-                action = f"PERFORM pg_sleep({delay})" if delay else "RAISE EXCEPTION 'injected fault'"
+                # A stall: once per transaction (a transaction-local setting remembers it), not once per row.
+                stalled = f"current_setting('wxpay_test.{name}', true) IS DISTINCT FROM 'stalled'"
+                action = (f"IF {stalled} THEN PERFORM pg_sleep({delay}); "
+                          f"PERFORM set_config('wxpay_test.{name}', 'stalled', true); END IF"
+                          if delay else "RAISE EXCEPTION 'injected fault'")
                 cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN IF {' AND '.join(conditions)} "
                                f"THEN {action}; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
                 cursor.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()")
