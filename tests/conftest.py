@@ -73,12 +73,17 @@ def simulator() -> Iterator[WeChatPaySimulator]:
 
 @pytest.fixture
 def wxpay_settings(settings: Any, simulator: WeChatPaySimulator) -> dict[str, Any]:
-    """WXPAY_CLOSE pointing at the simulator, short timeouts, no backoff wait worth mentioning."""
+    """WXPAY_CLOSE pointing at the simulator, the example project's timeouts, no backoff wait worth mentioning.
+
+    The timeouts are generous on purpose: on a loaded machine (CI runs two passes at once on two CPUs) a loopback
+    answer can take a second, and a timeout would turn an answer a test is about into a network error. A test
+    about a timeout sets its own short one beside the delay it injects.
+    """
     settings.WXPAY_CLOSE = {
         "MERCHANTS": {"default": merchant_config(), "other": merchant_config(OTHER_MCH_ID, OTHER_API_KEY)},
         "BASE_URL": simulator.base_url,
-        "CONNECT_TIMEOUT": 1.0,
-        "READ_TIMEOUT": 1.0,
+        "CONNECT_TIMEOUT": 2.0,
+        "READ_TIMEOUT": 5.0,
         "CLAIM_TIMEOUT": timedelta(seconds=30),
         "MAX_ATTEMPTS": 3,
         "WORKERS": 4,
@@ -211,7 +216,8 @@ def database_fault(transactional_db: None) -> Iterator[Callable[..., None]]:
 
     `database_fault("closeattempt", "UPDATE", out_trade_no=...)` fails the writes of an answer (an UPDATE that
     sets an outcome) for that order; "INSERT" fails the audit row's insert; `delay=1.5` stalls the write instead
-    (PostgreSQL only). The error is one the service cannot mistake for a lost connection. Dropped afterwards.
+    (PostgreSQL only): each transaction that writes such a row waits that long once, however many rows it writes.
+    The error is one the service cannot mistake for a lost connection. Dropped afterwards.
     """
     created: list[tuple[str, str]] = []
 
@@ -225,7 +231,11 @@ def database_fault(transactional_db: None) -> Iterator[Callable[..., None]]:
             conditions.append("NEW.outcome <> ''")
         with connection.cursor() as cursor:
             if connection.vendor == "postgresql":
-                action = f"PERFORM pg_sleep({delay})" if delay else "RAISE EXCEPTION 'injected fault'"
+                # A stall: once per transaction (a transaction-local setting remembers it), not once per row.
+                stalled = f"current_setting('wxpay_test.{name}', true) IS DISTINCT FROM 'stalled'"
+                action = (f"IF {stalled} THEN PERFORM pg_sleep({delay}); "
+                          f"PERFORM set_config('wxpay_test.{name}', 'stalled', true); END IF"
+                          if delay else "RAISE EXCEPTION 'injected fault'")
                 cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN IF {' AND '.join(conditions)} "
                                f"THEN {action}; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
                 cursor.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()")

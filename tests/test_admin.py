@@ -539,12 +539,12 @@ def test_the_err_code_filter_offers_wechats_codes_and_filters_by_them(admin_clie
 
 def test_the_order_list_filters_by_a_creation_date_range(admin_client, make_order):
     make_order("OLD", age=timedelta(days=40), expired_for=timedelta(days=39))
-    make_order("NEW")
-    today = timezone.localdate()
+    new = make_order("NEW")  # created an hour ago: yesterday, in the first hour of a day
+    day = timezone.localdate(new.created_at)
 
-    assert listed_numbers(admin_client, CHANGELIST, between("created_at", today, today + timedelta(days=1))) == ["NEW"]
-    assert listed_numbers(admin_client, CHANGELIST, between("created_at", today - timedelta(days=60),
-                                                            today - timedelta(days=30))) == ["OLD"]
+    assert listed_numbers(admin_client, CHANGELIST, between("created_at", day, day + timedelta(days=1))) == ["NEW"]
+    assert listed_numbers(admin_client, CHANGELIST, between("created_at", day - timedelta(days=60),
+                                                            day - timedelta(days=30))) == ["OLD"]
 
 
 @pytest.mark.parametrize("url_name", LISTS)

@@ -48,8 +48,9 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture
-def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One Chromium for the module's tests (each gets a context of its own: cookies, headers, storage)."""
     reason = _missing()
     if reason:
         if os.environ.get("CI") == "true":
@@ -57,19 +58,29 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are still synchronous.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1440, "height": 900})
-            context.set_default_timeout(15_000)
-            yield context.new_page()
-        finally:
-            browser.close()
-            # ORM calls made while Playwright runs get their own context-local connection; close it here,
-            # or it outlives the test and blocks dropping the PostgreSQL test database.
-            connections.close_all()
+    # Playwright's sync API keeps an event loop in this thread while it runs; the tests' own ORM calls (and their
+    # database fixtures' cleanup) are still synchronous.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield chromium
+            finally:
+                chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    try:
+        context.set_default_timeout(15_000)
+        yield context.new_page()
+    finally:
+        context.close()
+        # ORM calls made while Playwright runs get their own context-local connection; close it here,
+        # or it outlives the test and blocks dropping the PostgreSQL test database.
+        connections.close_all()
 
 
 def _has_cjk_font() -> bool:

@@ -39,7 +39,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 ORDERS = 80
 WORKERS = 32
-LATENCY = 2.0  # seconds every answer waits; the simulator applies the close when the request arrives
+# Seconds every answer waits; the simulator applies the close when the request arrives. Long enough that on a
+# loaded machine all the workers' requests arrive, and the kill follows, before the first answer could leave.
+LATENCY = 3.0
 CLAIM_TIMEOUT = timedelta(seconds=6)  # must exceed CONNECT_TIMEOUT + READ_TIMEOUT (conf.py E010)
 
 
@@ -63,7 +65,7 @@ def sweep() -> None:
 def crash(wxpay_settings: dict[str, Any], simulator: WeChatPaySimulator, make_order: Callable[..., Order],
           start_sweeper: Callable[..., Any]) -> Crash:
     """A sweeper killed with SIGKILL while all its workers wait for answers."""
-    wxpay_settings.update(CONNECT_TIMEOUT=0.5, READ_TIMEOUT=3.0, CLAIM_TIMEOUT=CLAIM_TIMEOUT)
+    wxpay_settings.update(CONNECT_TIMEOUT=0.5, READ_TIMEOUT=LATENCY + 1, CLAIM_TIMEOUT=CLAIM_TIMEOUT)
     orders = tuple(make_order() for _ in range(ORDERS))
     simulator.latency = LATENCY
     sweeper = start_sweeper("--workers", str(WORKERS))

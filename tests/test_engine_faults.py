@@ -64,6 +64,17 @@ def terminate_other_connections() -> int:
         return int(cursor.fetchone()[0])
 
 
+# A lease short enough to lapse within a test, long enough for a whole exchange (1 s connect + 2 s read, E010)
+# with 2 s to spare for a claimed order to wait for its worker.
+LAPSING_CLAIM = timedelta(seconds=5)
+
+
+def wait_until_every_claim_lapsed() -> None:
+    """Until no order is held by a claim whose lease still runs (one whose acknowledgement was lost, say)."""
+    wait_for(lambda: not Order.objects.filter(in_flight=True, due_at__gt=timezone.now()).exists(),
+             timeout=LAPSING_CLAIM.total_seconds() + 2)
+
+
 def allow_connections(allowed: bool) -> None:
     """Open or close the test database to new connections (from the server's maintenance database: PostgreSQL
     refuses to close the database a session is connected to)."""
@@ -118,7 +129,8 @@ def test_a_sweeper_paused_past_its_leases_records_its_late_answers_and_does_not_
     wait_for(lambda: len(simulator.requests) >= 8, timeout=20)
     paused.send_signal(signal.SIGSTOP)  # its requests are answered, its deadlines and leases pass
     try:
-        time.sleep(3.5)
+        # A worker sends only while its lease covers a whole exchange: once the leases lapse, the deadlines have.
+        wait_for(lambda: not Order.objects.filter(in_flight=True, due_at__gt=timezone.now()).exists(), timeout=10)
         simulator.latency = 0.0
         assert run_command("--workers", "4")[0] == 0  # another sweeper takes every lapsed order over
     finally:
@@ -181,7 +193,7 @@ def test_terminated_database_connections_lose_no_answer(
 ) -> None:
     if not on_postgres:
         pytest.skip("connections are terminated with pg_terminate_backend")
-    wxpay_settings.update(CLAIM_TIMEOUT=timedelta(seconds=4))
+    wxpay_settings.update(CONNECT_TIMEOUT=1.0, READ_TIMEOUT=2.0, CLAIM_TIMEOUT=LAPSING_CLAIM)
     orders = [make_order() for _ in range(60)]
     simulator.latency = 0.3
     sweeper = start_sweeper("--workers", "6", log_level="WARNING")
@@ -191,7 +203,7 @@ def test_terminated_database_connections_lose_no_answer(
     terminated += terminate_other_connections()
     status, _, err = finished(sweeper)
     # A claim whose commit landed while its acknowledgement was lost is held until it lapses: the next run.
-    time.sleep(4.5)
+    wait_until_every_claim_lapsed()
     assert run_command()[0] == 0
 
     assert status == 0, err
@@ -219,7 +231,7 @@ def test_terminated_database_connections_lose_no_query_answer(
 ) -> None:
     if not on_postgres:
         pytest.skip("connections are terminated with pg_terminate_backend")
-    wxpay_settings.update(CLAIM_TIMEOUT=timedelta(seconds=4))
+    wxpay_settings.update(CONNECT_TIMEOUT=1.0, READ_TIMEOUT=2.0, CLAIM_TIMEOUT=LAPSING_CLAIM)
     orders = [make_order(remote=RemoteState.CLOSED) for _ in range(40)]
     Order.objects.update(needs_query=True)  # each one's last close could not tell: the sweep asks WeChat
     simulator.latency = 0.3
@@ -227,7 +239,7 @@ def test_terminated_database_connections_lose_no_query_answer(
     wait_for(lambda: len(simulator.requests) >= 10, timeout=20)
     terminate_other_connections()
     status, _, err = finished(sweeper)
-    time.sleep(4.5)  # a claim whose acknowledgement was lost lapses: the next run takes its orders
+    wait_until_every_claim_lapsed()  # a claim whose acknowledgement was lost lapses: the next run takes its orders
     assert run_command()[0] == 0
 
     assert status == 0, err

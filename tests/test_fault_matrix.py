@@ -113,10 +113,11 @@ def secondary() -> Iterator[WeChatPaySimulator]:
 
 
 def test_an_answer_slower_than_the_read_timeout_is_retried_and_the_next_run_learns_it_was_closed(
-    make_order: Callable[..., Order], simulator: WeChatPaySimulator,
+    make_order: Callable[..., Order], simulator: WeChatPaySimulator, wxpay_settings: dict[str, Any],
 ) -> None:
+    wxpay_settings["READ_TIMEOUT"] = 1.0
     order = make_order()
-    simulator.inject(Fault.DELAY, out_trade_no=order.out_trade_no, delay=1.5)  # READ_TIMEOUT is 1s; WeChat closes it
+    simulator.inject(Fault.DELAY, out_trade_no=order.out_trade_no, delay=1.5)  # beyond READ_TIMEOUT; WeChat closes it
 
     run = run_sweep()
 
@@ -358,7 +359,7 @@ def test_a_connect_timeout_on_the_primary_region_fails_over_in_the_same_attempt(
 
 def test_a_read_timeout_never_fails_over(make_order: Callable[..., Order], simulator: WeChatPaySimulator,
                                          secondary: WeChatPaySimulator, wxpay_settings: dict[str, Any]) -> None:
-    wxpay_settings["FAILOVER_BASE_URL"] = secondary.base_url
+    wxpay_settings.update(FAILOVER_BASE_URL=secondary.base_url, READ_TIMEOUT=1.0)
     order = make_order()
     secondary.add_order(order.out_trade_no, mch_id=MCH_ID, sub_mch_id=SUB_MCH_ID)
     simulator.inject(Fault.DELAY, out_trade_no=order.out_trade_no, delay=1.5)  # the request did reach WeChat

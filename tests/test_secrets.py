@@ -89,6 +89,7 @@ def test_the_api_key_appears_in_no_row_log_exception_admin_page_or_command_outpu
     for fault in (Fault.SYSTEMERROR, Fault.BAD_SIGNATURE, Fault.UNSIGNED, Fault.HTTP_502, Fault.RESET_CONNECTION,
                   Fault.MALFORMED_BODY, Fault.ORDERNOTEXIST, Fault.XML_FORMAT_ERROR, Fault.RETURN_FAIL):
         simulator.inject(fault, out_trade_no=make_order().out_trade_no)
+    canary_settings["READ_TIMEOUT"] = 1.0
     simulator.inject(Fault.DELAY, out_trade_no=make_order().out_trade_no, delay=1.2)  # beyond READ_TIMEOUT
     make_order(remote=None)
     for _ in range(3):
